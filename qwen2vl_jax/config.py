@@ -1,0 +1,183 @@
+"""Qwen2-VL configuration: frozen, hashable dataclasses with presets and a Hugging Face reader."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """The ViT shared by every Qwen2-VL size; `hidden_size` is the merger's output (= text hidden)."""
+    depth: int = 32
+    embed_dim: int = 1280
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    hidden_size: int = 1536
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    layer_norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:
+        """Features per patch row: C · T · P · P (1176 for the released models)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The Qwen2 decoder."""
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2VLConfig:
+    """Everything the network needs. `dtype` is the compute/param dtype of matmuls ("float32" or
+    "bfloat16"); norms, softmax and RoPE angles always run in float32."""
+    vision: VisionConfig = VisionConfig()
+    text: TextConfig = TextConfig()
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    pad_token_id: int = 151643
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    attention: str = "xla"
+
+    def replace(self, **changes: Any) -> "Qwen2VLConfig":
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def preset(name: str) -> "Qwen2VLConfig":
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+    @staticmethod
+    def from_hf(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> "Qwen2VLConfig":
+        """Reads a Hugging Face config.json (a folder, the file, or its dict), in the released flat layout
+        (text fields at top level, `vision_config`, `rope_scaling`) or the nested `text_config` layout."""
+        return _from_hf_dict(_read_json(path_or_dict))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The nested transformers 5.x config dict for this configuration."""
+        v, t = self.vision, self.text
+        text = dict(
+            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+            num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
+            max_position_embeddings=t.max_position_embeddings, hidden_act="silu", use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": t.rope_theta, "mrope_section": list(t.mrope_section)},
+            tie_word_embeddings=t.tie_word_embeddings, bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+        )
+        vision = dict(
+            depth=v.depth, embed_dim=v.embed_dim, num_heads=v.num_heads,
+            mlp_ratio=int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
+            hidden_size=v.hidden_size, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+            spatial_merge_size=v.spatial_merge_size, in_channels=v.in_channels, hidden_act="quick_gelu",
+        )
+        return dict(
+            model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"],
+            text_config=text, vision_config=vision, tie_word_embeddings=t.tie_word_embeddings,
+            image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+            vision_start_token_id=self.vision_start_token_id, vision_end_token_id=self.vision_end_token_id,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+        )
+
+
+def _read_json(src) -> dict[str, Any]:
+    if isinstance(src, Mapping):
+        return dict(src)
+    path = os.fspath(src)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"no config.json at {path!r}: pass a Hugging Face model folder or its config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _pick(d: Mapping[str, Any], cls, renames: Mapping[str, str] = {}) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = {}
+    for key, value in d.items():
+        key = renames.get(key, key)
+        if key in names and value is not None:
+            out[key] = value
+    return out
+
+
+def _from_hf_dict(d: dict[str, Any]) -> Qwen2VLConfig:
+    text_src = dict(d.get("text_config") or {})
+    for key, value in d.items():  # the released flat layout keeps text fields at top level
+        if key not in ("text_config", "vision_config"):
+            text_src.setdefault(key, value)
+    rope = text_src.get("rope_parameters") or text_src.get("rope_scaling") or {}
+    if "rope_theta" in rope:
+        text_src["rope_theta"] = rope["rope_theta"]
+    if "mrope_section" in rope:
+        text_src["mrope_section"] = tuple(rope["mrope_section"])
+    text = _pick(text_src, TextConfig)
+    if "tie_word_embeddings" in d:  # the top-level flag is what transformers ties by
+        text["tie_word_embeddings"] = bool(d["tie_word_embeddings"])
+    text.setdefault("num_key_value_heads", text.get("num_attention_heads", TextConfig.num_attention_heads))
+    if "head_dim" in text_src and text_src["head_dim"] is not None:
+        hidden, heads = text.get("hidden_size", 0), text.get("num_attention_heads", 1)
+        if text_src["head_dim"] != hidden // heads:
+            raise ValueError(f"config.json: head_dim {text_src['head_dim']} != hidden_size/num_attention_heads; "
+                             "Qwen2 derives head_dim, so this checkpoint is not a Qwen2-VL one")
+    vision = _pick(d.get("vision_config") or {}, VisionConfig, {"in_chans": "in_channels"})
+    top = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                             "bos_token_id", "eos_token_id", "pad_token_id") if isinstance(d.get(k), int)}
+    vision.setdefault("hidden_size", text.get("hidden_size", TextConfig.hidden_size))
+    return Qwen2VLConfig(vision=VisionConfig(**vision), text=TextConfig(**text), **top)
+
+
+_VISION = VisionConfig()
+PRESETS: dict[str, Qwen2VLConfig] = {
+    "2b": Qwen2VLConfig(vision=dataclasses.replace(_VISION, hidden_size=1536), text=TextConfig()),
+    "7b": Qwen2VLConfig(
+        vision=dataclasses.replace(_VISION, hidden_size=3584),
+        text=TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                        num_key_value_heads=4, tie_word_embeddings=False)),
+    "72b": Qwen2VLConfig(
+        vision=dataclasses.replace(_VISION, hidden_size=8192),
+        text=TextConfig(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)),
+    # A few MB: real token ids and vocabulary, so the released tokenizer works with it.
+    "tiny": Qwen2VLConfig(
+        vision=VisionConfig(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2.0, hidden_size=64),
+        text=TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, mrope_section=(2, 3, 3))),
+}

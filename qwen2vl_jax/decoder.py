@@ -1,0 +1,95 @@
+"""The Qwen2 decoder: GQA self-attention with qkv bias and M-RoPE, SwiGLU MLP, RMSNorm, tied or untied head."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen2vl_jax.attention import dot_product_attention
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.layers import Linear, RMSNorm, param_with_axes
+from qwen2vl_jax.rope import apply_rotary, mrope
+
+
+class SelfAttention(nn.Module):
+    config: Qwen2VLConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        """x: [B, L, D]; cos, sin: float32[B, L, hd]; segment_ids: int32[B, L] (0 = padding) → [B, L, D]."""
+        t, dt, pdt = self.config.text, self.config.dtype, self.config.param_dtype
+        proj = lambda heads, axis, name: Linear((heads, t.head_dim), ("embed", axis, "head_dim"), dtype=dt,
+                                                param_dtype=pdt, name=name)(x)
+        q = apply_rotary(proj(t.num_attention_heads, "heads", "q_proj"), cos, sin)
+        k = apply_rotary(proj(t.num_key_value_heads, "kv_heads", "k_proj"), cos, sin)
+        v = proj(t.num_key_value_heads, "kv_heads", "v_proj")
+        out = dot_product_attention(q, k, v, segment_ids=segment_ids, causal=True,
+                                    implementation=self.config.attention)
+        return Linear((t.hidden_size,), ("heads", "head_dim", "embed"), in_ndim=2, use_bias=False, dtype=dt,
+                      param_dtype=pdt, name="o_proj")(out)
+
+
+class MLP(nn.Module):
+    config: Qwen2VLConfig
+
+    @nn.compact
+    def __call__(self, x):
+        t, dt, pdt = self.config.text, self.config.dtype, self.config.param_dtype
+        dense = lambda size, axes, name: Linear((size,), axes, use_bias=False, dtype=dt, param_dtype=pdt, name=name)
+        h = jax.nn.silu(dense(t.intermediate_size, ("embed", "mlp"), "gate_proj")(x))
+        h = h * dense(t.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        return dense(t.hidden_size, ("mlp", "embed"), "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block. Signature fits nn.scan: (carry, *broadcast) → (carry, None)."""
+    config: Qwen2VLConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, segment_ids):
+        t, dt, pdt = self.config.text, self.config.dtype, self.config.param_dtype
+        h = RMSNorm(t.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
+        x = x + SelfAttention(self.config, name="self_attn")(h, cos, sin, segment_ids)
+        h = RMSNorm(t.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
+        return x + MLP(self.config, name="mlp")(h), None
+
+
+class TextModel(nn.Module):
+    """Token embedding, decoder layers, final norm and LM head."""
+    config: Qwen2VLConfig
+
+    def setup(self):
+        t, pdt = self.config.text, self.config.param_dtype
+        self.embed_tokens = param_with_axes(self, "embed_tokens", nn.initializers.normal(0.02),
+                                            (t.vocab_size, t.hidden_size), pdt, ("vocab", "embed"))
+        if self.config.scan_layers:
+            self.layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=t.num_hidden_layers,
+                                  metadata_params={nn.PARTITION_NAME: "layers"})(self.config)
+        else:
+            self.layers = [DecoderLayer(self.config) for _ in range(t.num_hidden_layers)]
+        self.norm = RMSNorm(t.rms_norm_eps, self.config.dtype, pdt)
+        if not t.tie_word_embeddings:
+            self.lm_head = Linear((t.vocab_size,), ("embed", "vocab"), use_bias=False, dtype=self.config.dtype,
+                                  param_dtype=pdt)
+
+    def embed(self, input_ids):
+        """input_ids: int[B, L] → [B, L, D] in the compute dtype."""
+        return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.config.dtype)
+
+    def __call__(self, inputs_embeds, position_ids, segment_ids):
+        """inputs_embeds: [B, L, D]; position_ids: int[3, B, L]; segment_ids: int32[B, L] → logits float32[B, L, V]."""
+        t = self.config.text
+        cos, sin = mrope(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
+        x = inputs_embeds
+        if self.config.scan_layers:
+            x, _ = self.layers(x, cos, sin, segment_ids)
+        else:
+            for layer in self.layers:
+                x, _ = layer(x, cos, sin, segment_ids)
+        x = self.norm(x)
+        if t.tie_word_embeddings:
+            logits = jnp.einsum("bld,vd->blv", x, self.embed_tokens.astype(self.config.dtype))
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32)

@@ -1,0 +1,77 @@
+"""Small building blocks: a general linear layer with logical axis names, RMSNorm and LayerNorm in float32."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Axes = Sequence[str | None]
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: Axes):
+    """A parameter carrying logical axis names; `sharding/` maps them to mesh axes."""
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class Linear(nn.Module):
+    """y = x · kernel (+ bias), contracting the last `in_ndim` axes of x.
+
+    kernel: [*in_shape, *out_shape] with logical `axes` (one name per kernel dim); bias: out_shape.
+    Inputs and kernel are cast to `dtype` (the matmul dtype); the result stays in `dtype`."""
+    out_shape: tuple[int, ...]
+    axes: Axes
+    in_ndim: int = 1
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        in_shape = x.shape[x.ndim - self.in_ndim:]
+        kernel = param_with_axes(self, "kernel", nn.initializers.normal(0.02), (*in_shape, *self.out_shape),
+                                 self.param_dtype, self.axes)
+        contract = (tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape, self.param_dtype,
+                                   self.axes[self.in_ndim:])
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """Qwen2's RMSNorm, computed in float32; x: [..., D] → [..., D] in `dtype`."""
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype, ("embed",))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(jnp.float32) * x32).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with bias, computed in float32; x: [..., E] → [..., E] in `dtype`."""
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (d,), self.param_dtype, ("embed",))
+        bias = param_with_axes(self, "bias", nn.initializers.zeros, (d,), self.param_dtype, ("embed",))
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)

@@ -1,0 +1,73 @@
+"""Qwen2-VL: packed ViT → merger → splice into the text embeddings → Qwen2 decoder with M-RoPE."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.decoder import TextModel
+from qwen2vl_jax.inputs import prepare_inputs
+from qwen2vl_jax.vision import VisionTransformer
+
+
+class Qwen2VL(nn.Module):
+    """`apply({"params": p}, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+    video_grid_thw)` → logits float32[B, L, V], for arrays laid out as the Hugging Face processor lays them out.
+
+    That entry point prepares the data-dependent layout on the host, so its grids must be concrete. Under jit,
+    call `qwen2vl_jax.prepare_inputs` outside and use the static-shape methods `encode_vision` and `decode`."""
+    config: Qwen2VLConfig
+
+    def setup(self):
+        self.visual = VisionTransformer(self.config)
+        self.language_model = TextModel(self.config)
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None):
+        for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
+                            ("image_grid_thw", image_grid_thw), ("video_grid_thw", video_grid_thw)):
+            if isinstance(value, jax.core.Tracer):
+                raise ValueError(f"{name} is traced (under jit); Qwen2VL.__call__ lays out the inputs on the host. "
+                                 "Call qwen2vl_jax.prepare_inputs outside jit, then apply method=Qwen2VL.forward")
+        pixels = [np.asarray(p) if not isinstance(p, jax.Array) else p
+                  for p in (pixel_values, pixel_values_videos) if p is not None]
+        patch_dim = self.config.vision.patch_dim
+        for p, name in zip(pixels, ("pixel_values", "pixel_values_videos")):
+            if p.ndim != 2 or p.shape[1] != patch_dim:
+                raise ValueError(f"{name} must be [patches, {patch_dim}] as the processor returns; got {p.shape}")
+        prepared = prepare_inputs(
+            self.config, input_ids, attention_mask, image_grid_thw, video_grid_thw,
+            image_rows=None if pixel_values is None else pixel_values.shape[0],
+            video_rows=None if pixel_values_videos is None else pixel_values_videos.shape[0])
+        vision_pixels = jnp.concatenate(pixels) if pixels else None
+        return self.forward(jnp.asarray(input_ids), prepared, vision_pixels)
+
+    def forward(self, input_ids, prepared, vision_pixels=None):
+        """Static shapes only. input_ids: int[B, L]; prepared: the dict from `prepare_inputs`;
+        vision_pixels: float[N, C·T·P·P] (images then videos, padded to N rows) or None → logits float32[B, L, V]."""
+        features = None
+        if vision_pixels is not None:
+            features = self.encode_vision(vision_pixels, prepared["vision_pos_hw"], prepared["vision_segment_ids"])
+        return self.decode(input_ids, prepared["attention_mask"], prepared["position_ids"],
+                           features, prepared["splice_index"])
+
+    def encode_vision(self, pixels, pos_hw, segment_ids):
+        """pixels: float[N, C·T·P·P]; pos_hw: int32[N, 2]; segment_ids: int32[N] → merged features [N/4, D]."""
+        return self.visual(pixels, pos_hw, segment_ids)
+
+    def embed(self, input_ids, features=None, splice_index=None):
+        """Token embeddings with vision features spliced in: features [M, D] row splice_index[b, l] replaces
+        position (b, l) wherever splice_index ≥ 0. → [B, L, D]."""
+        embeds = self.language_model.embed(input_ids)
+        if features is None:
+            return embeds
+        index = jnp.asarray(splice_index)
+        gathered = jnp.take(features.astype(embeds.dtype), jnp.maximum(index, 0), axis=0)
+        return jnp.where((index >= 0)[..., None], gathered, embeds)
+
+    def decode(self, input_ids, attention_mask, position_ids, features=None, splice_index=None):
+        """input_ids, attention_mask: int[B, L]; position_ids: int[3, B, L] → logits float32[B, L, V]."""
+        embeds = self.embed(input_ids, features, splice_index)
+        return self.language_model(embeds, position_ids, jnp.asarray(attention_mask, jnp.int32))

@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="qwen2vl-jax",
+    version="0.1.0",
+    description="Qwen2-VL in JAX/Flax: packed native-resolution ViT, M-RoPE, Qwen2 decoder.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["qwen2vl_jax*", "training*", "sharding*", "data_pipeline*", "evaluation*", "configs*"]),
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "numpy==2.4.6",
+        "pillow==13.0.0",
+        "safetensors==0.8.0",
+        "tokenizers==0.23.3",
+        "ml_collections==1.1.0",
+        "tqdm==4.70.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest==9.2.0",
+            "torch==2.13.0",
+            "transformers==5.24.0",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "qwen2vl-demo=qwen2vl_jax.demo:main",
+        ],
+    },
+)
