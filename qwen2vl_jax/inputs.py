@@ -11,8 +11,8 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.rope import get_rope_index
 
 
-def grid_array(grid, name: str) -> np.ndarray:
-    """Validates a grid_thw argument: int[n, 3] with positive entries."""
+def grid_array(grid, name: str, merge_size: int = 1) -> np.ndarray:
+    """Validates a grid_thw argument: int[n, 3], positive, h and w multiples of `merge_size`."""
     if grid is None:
         return np.zeros((0, 3), np.int64)
     g = np.asarray(grid)
@@ -21,6 +21,9 @@ def grid_array(grid, name: str) -> np.ndarray:
     if g.ndim != 2 or g.shape[1] != 3 or not np.issubdtype(g.dtype, np.integer) or np.any(g <= 0):
         raise ValueError(f"{name} must be positive integers of shape [n, 3] (t, h, w in patches); got "
                          f"shape {g.shape}, dtype {g.dtype}")
+    if np.any(g[:, 1:] % merge_size):
+        raise ValueError(f"{name} {g.tolist()}: h and w must be multiples of spatial_merge_size {merge_size}; "
+                         "resize with the Processor's smart_resize")
     return g.astype(np.int64)
 
 
@@ -83,7 +86,8 @@ def prepare_inputs(config: Qwen2VLConfig, input_ids, attention_mask=None, image_
     if mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} differs from input_ids shape {input_ids.shape}")
     merge = config.vision.spatial_merge_size
-    images, videos = grid_array(image_grid_thw, "image_grid_thw"), grid_array(video_grid_thw, "video_grid_thw")
+    images = grid_array(image_grid_thw, "image_grid_thw", merge)
+    videos = grid_array(video_grid_thw, "video_grid_thw", merge)
     for grids, rows, name, pixels in ((images, image_rows, "image_grid_thw", "pixel_values"),
                                       (videos, video_rows, "video_grid_thw", "pixel_values_videos")):
         expected = int(grids.prod(-1).sum())

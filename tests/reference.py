@@ -47,8 +47,10 @@ def reference(name: str, seed: int = 0):
             if pname.endswith("norm.weight") or "layernorm" in pname or "norm1.weight" in pname or \
                     "norm2.weight" in pname or "ln_q.weight" in pname:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.ndim >= 2 and "embed_tokens" not in pname:  # unit-scale activations: std 1/sqrt(fan_in)
+                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
             else:
-                p.copy_(0.08 * torch.randn_like(p))
+                p.copy_(0.3 * torch.randn_like(p))
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     return cfg, model, params_from_torch(state, cfg)
 
