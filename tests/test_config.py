@@ -1,0 +1,69 @@
+"""Presets, Hugging Face config reading, and parameter counts."""
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from qwen2vl_jax import Qwen2VL, Qwen2VLConfig, prepare_inputs
+from reference import hf_config
+
+# The released Qwen2-VL-2B-Instruct config.json (flat layout), abridged to the fields that matter.
+RELEASED_2B = {
+    "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl",
+    "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "hidden_size": 1536, "initializer_range": 0.02, "intermediate_size": 8960, "max_position_embeddings": 32768,
+    "max_window_layers": 28, "num_attention_heads": 12, "num_hidden_layers": 28, "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "use_sliding_window": False, "vocab_size": 151936,
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                      "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "spatial_patch_size": 14,
+                      "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
+
+
+def test_released_flat_config_reads_as_the_2b_preset(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(RELEASED_2B))
+    assert Qwen2VLConfig.from_hf(tmp_path) == Qwen2VLConfig.preset("2b")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "2b", "7b", "72b"])
+def test_nested_layout_round_trips_through_transformers(preset):
+    cfg = Qwen2VLConfig.preset(preset)
+    written = hf_config(cfg).to_dict()  # transformers' own nested serialization
+    assert Qwen2VLConfig.from_hf(written) == cfg
+
+
+def test_presets_are_hashable_and_distinct():
+    presets = {Qwen2VLConfig.preset(n) for n in ("tiny", "2b", "7b", "72b")}
+    assert len(presets) == 4
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        Qwen2VLConfig.preset("huge")
+
+
+def _param_count(cfg):
+    model = Qwen2VL(cfg)
+    ids = np.array([[cfg.vision_start_token_id] + [cfg.image_token_id] * 4 + [cfg.vision_end_token_id]])
+    prepared = prepare_inputs(cfg, ids, image_grid_thw=np.array([[1, 4, 4]]), image_rows=16)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, prepared,
+                                               np.zeros((16, cfg.vision.patch_dim), np.float32),
+                                               method=Qwen2VL.forward))
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.unbox(shapes["params"])))
+
+
+def test_2b_parameter_count_matches_the_released_model():
+    assert _param_count(Qwen2VLConfig.preset("2b")) == 2_208_985_600
+
+
+def test_parameter_counts_match_transformers_for_7b_shapes():
+    """transformers on the meta device counts the 7B preset's parameters without allocating them."""
+    import torch
+    import transformers
+
+    cfg = Qwen2VLConfig.preset("7b")
+    with torch.device("meta"):
+        model = transformers.Qwen2VLForConditionalGeneration(hf_config(cfg))
+    assert _param_count(cfg) == sum(p.numel() for p in model.parameters())
