@@ -78,7 +78,7 @@ class VisionTransformer(nn.Module):
         segment_ids: int32[N] (one per frame-pair; padding rows their own segment). N must be a multiple of
         merge². Returns merged features [N / merge², D] (and the last hidden states [N, E] if asked)."""
         v, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
-        x = Linear((v.embed_dim,), ("patch", "embed"), use_bias=False, dtype=dt, param_dtype=pdt,
+        x = Linear((v.embed_dim,), (None, "embed"), use_bias=False, dtype=dt, param_dtype=pdt,
                    name="patch_embed")(pixel_values)
         cos, sin = vision_rope(pos_hw, v.head_dim)
         if self.config.scan_layers:

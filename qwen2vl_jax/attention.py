@@ -1,0 +1,126 @@
+"""Attention: one function, several backends.
+
+`dot_product_attention(q, k, v, *, segment_ids, kv_segment_ids, causal, implementation)` is the only entry point the
+model uses. Backends (the `implementation` argument):
+
+- "xla" (default, any device): picks "xla_blockwise" for long self-attention with shared segment ids or causal
+  masking (Lq = Lk ≥ BLOCKWISE_MIN_LENGTH), else "xla_dense". Both are exact (float32 softmax).
+- "xla_dense": one masked [B, H, Lq, Lk] softmax. Cost and memory ∝ Lq·Lk.
+- "xla_blockwise": flash-style online softmax over kv blocks that skips blocks no query of a block can see
+  (attention_blockwise.py). For the packed ViT (contiguous segments of lengths nᵢ) its cost grows with Σ nᵢ², not
+  (Σ nᵢ)²; causal masks skip the upper triangle. Differentiable (custom VJP), jit/grad/scan safe.
+- "cudnn": jax.nn.dot_product_attention(implementation="cudnn") with the mask passed as a boolean array; GPU only,
+  float16/bfloat16 only.
+- "pallas_tpu": the Pallas TPU flash-attention kernel with SegmentIds (attention_pallas.py); TPU only, or anywhere
+  inside `pallas_interpret()` (Pallas TPU interpret mode, for tests on CPU).
+"""
+import jax
+import jax.numpy as jnp
+
+from qwen2vl_jax.attention_blockwise import DEFAULT_BLOCK_SIZE, blockwise_attention, visited_block_pairs
+from qwen2vl_jax.attention_pallas import pallas_interpret, pallas_tpu_attention
+
+IMPLEMENTATIONS = ("xla", "xla_dense", "xla_blockwise", "cudnn", "pallas_tpu")
+# "xla" switches from the dense to the blockwise path at this (query = key) length. Measured on a shared 2-core CPU,
+# fwd / fwd+bwd ms, dense vs blockwise: ViT-2B heads (16 × 80, 4 images) L=256 7.0/22.7 vs 7.6/23.0, L=512 45/145 vs
+# 13/49; 2B decoder (12/2 heads × 128, causal, B=2) L=256 13/43 vs 15/50, L=512 82/253 vs 38/139.
+BLOCKWISE_MIN_LENGTH = 512
+
+__all__ = ["BLOCKWISE_MIN_LENGTH", "DEFAULT_BLOCK_SIZE", "IMPLEMENTATIONS", "dot_product_attention",
+           "pallas_interpret", "visited_block_pairs"]
+
+
+def dot_product_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=False, implementation="xla"):
+    """Multi-head / grouped-query attention with segment and causal masks.
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, Hkv, D] with H % Hkv == 0 (GQA: query head h uses kv head h // (H // Hkv)).
+    segment_ids: int32[B, Lq] (kv_segment_ids: int32[B, Lk], defaults to segment_ids, which then needs Lq == Lk):
+    a query attends only to keys of the same segment id. causal: additionally only keys at position <= the query's,
+    aligned at the end when Lq < Lk (query i sits at position Lk - Lq + i). Scale D**-0.5. Logits and softmax in
+    float32 whatever the input dtype; returns [B, Lq, H, D] in q.dtype. A query row that can see no key returns 0.
+    implementation: one of IMPLEMENTATIONS (see the module docstring).
+    """
+    _check_inputs(q, k, v, segment_ids, kv_segment_ids)
+    lq, lk = q.shape[1], k.shape[1]
+    if implementation == "xla":
+        shared_segments = segment_ids is not None and kv_segment_ids is None
+        blockwise = lq == lk >= BLOCKWISE_MIN_LENGTH and (causal or shared_segments)
+        implementation = "xla_blockwise" if blockwise else "xla_dense"
+    if implementation == "xla_dense":
+        return _dense_attention(q, k, v, segment_ids, kv_segment_ids, causal)
+    if implementation == "xla_blockwise":
+        return blockwise_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
+    if implementation == "cudnn":
+        return _cudnn_attention(q, k, v, segment_ids, kv_segment_ids, causal)
+    if implementation == "pallas_tpu":
+        return pallas_tpu_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
+    raise ValueError(f"Unknown attention implementation {implementation!r}; "
+                     f"choose one of {', '.join(IMPLEMENTATIONS)}.")
+
+
+def _check_inputs(q, k, v, segment_ids, kv_segment_ids):
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"attention expects q [B, Lq, H, D] and k, v [B, Lk, Hkv, D] of equal shapes; "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}.")
+    (B, lq, H, D), (_, lk, hkv, _) = q.shape, k.shape
+    if k.shape[0] != B or k.shape[3] != D or H % hkv:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree: batch and head_dim must match and the query head "
+                         f"count ({H}) must be a multiple of the kv head count ({hkv}).")
+    if segment_ids is not None and segment_ids.shape != (B, lq):
+        raise ValueError(f"segment_ids must be int[B, Lq] = {(B, lq)}, got {segment_ids.shape}.")
+    if kv_segment_ids is not None:
+        if segment_ids is None:
+            raise ValueError("kv_segment_ids given without segment_ids; pass both (or neither).")
+        if kv_segment_ids.shape != (B, lk):
+            raise ValueError(f"kv_segment_ids must be int[B, Lk] = {(B, lk)}, got {kv_segment_ids.shape}.")
+    elif segment_ids is not None and lq != lk:
+        raise ValueError(f"segment_ids alone describe keys only when Lq == Lk (got Lq={lq}, Lk={lk}); "
+                         "pass kv_segment_ids [B, Lk] as well.")
+
+
+def attention_mask(segment_ids, kv_segment_ids, causal, lq, lk):
+    """bool[B or 1, Lq, Lk] (True = may attend), or None when nothing is masked."""
+    mask = None
+    if segment_ids is not None:
+        kv = segment_ids if kv_segment_ids is None else kv_segment_ids
+        mask = segment_ids[:, :, None] == kv[:, None, :]
+    if causal:
+        tri = (jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + (lk - lq))[None]
+        mask = tri if mask is None else mask & tri
+    return mask
+
+
+def _dense_attention(q, k, v, segment_ids, kv_segment_ids, causal):
+    """One masked softmax over [B, Hkv, G, Lq, Lk] (heads moved ahead of length first: much faster on XLA CPU)."""
+    (B, lq, H, D), (_, lk, hkv, _) = q.shape, k.shape
+    qh = q.reshape(B, lq, hkv, H // hkv, D).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, Lq, D]
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, Lk, D]
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qh, kh, preferred_element_type=jnp.float32) * (float(D) ** -0.5)
+    mask = attention_mask(segment_ids, kv_segment_ids, causal, lq, lk)
+    if mask is not None:
+        s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    m = jax.lax.stop_gradient(s.max(-1, keepdims=True))
+    p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m))  # a row that sees no key: p = 0 (not NaN)
+    l = p.sum(-1, keepdims=True)
+    o = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vh, preferred_element_type=jnp.float32)
+    o = o / jnp.where(l == 0.0, 1.0, l)
+    return o.transpose(0, 3, 1, 2, 4).reshape(B, lq, H, D).astype(q.dtype)
+
+
+def _cudnn_attention(q, k, v, segment_ids, kv_segment_ids, causal):
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU (cuDNN flash attention); the default JAX backend "
+                         f"here is {jax.default_backend()!r}. Use implementation='xla' on CPU or 'pallas_tpu' on TPU.")
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"implementation='cudnn' supports float16/bfloat16 inputs only, got {q.dtype}; cast q, k, v "
+                         "(e.g. config dtype bfloat16) or use implementation='xla'.")
+    lq, lk = q.shape[1], k.shape[1]
+    # cuDNN's own causal mask is top-left aligned; ours is end-aligned, so it is only used when the two agree.
+    native_causal = causal and lq == lk
+    mask = attention_mask(segment_ids, kv_segment_ids, causal and not native_causal, lq, lk)
+    out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
+                                       is_causal=native_causal, implementation="cudnn")
+    if mask is not None:  # rows that see no key: zeros, like the other backends
+        visible = attention_mask(segment_ids, kv_segment_ids, causal, lq, lk).any(-1)
+        out = jnp.where(visible[:, :, None, None], out, 0).astype(q.dtype)
+    return out
