@@ -41,3 +41,23 @@ def test_missing_and_unexpected_tensors_are_named():
     with pytest.raises(ValueError, match=r"missing \['visual.blocks.1.mlp.fc2.bias'\].*unexpected "
                                          r"\['model.visual.extra.weight'\]"):
         params_from_torch(state, cfg)
+
+
+def test_wrong_shapes_are_named():
+    cfg, model, _ = reference("untied")
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    state["model.language_model.layers.0.mlp.up_proj.weight"] = np.zeros((150, 96), np.float32)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight: expected \(160, 96\)"):
+        params_from_torch(state, cfg)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    state["model.language_model.layers.1.self_attn.q_proj.weight"] = np.zeros((95, 96), np.float32)
+    with pytest.raises(ValueError, match=r"q_proj.weight has shape \(95, 96\), which does not fit"):
+        params_from_torch(state, cfg)
+
+
+def test_a_config_with_fewer_layers_than_the_weights_is_named():
+    cfg, model, _ = reference("untied")
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    fewer = cfg.replace(text=cfg.text.__class__(**{**cfg.text.__dict__, "num_hidden_layers": 2}))
+    with pytest.raises(ValueError, match=r"unexpected \['model.language_model.layers.2"):
+        params_from_torch(state, fewer)

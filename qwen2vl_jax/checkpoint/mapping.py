@@ -152,29 +152,71 @@ def stack_layers(params: dict, cfg: Qwen2VLConfig) -> dict:
     return out
 
 
+def param_shapes(cfg: Qwen2VLConfig) -> dict:
+    """The params tree of `cfg` as jax.ShapeDtypeStruct leaves (unrolled layers), computed without allocating."""
+    import flax.linen as nn
+    import jax
+
+    from qwen2vl_jax.inputs import prepare_inputs
+    from qwen2vl_jax.model import Qwen2VL
+
+    unrolled = cfg.replace(scan_layers=False)
+    ids = np.array([[cfg.image_token_id]])
+    prepared = prepare_inputs(unrolled, ids, image_grid_thw=np.array([[1, 2, 2]]), image_rows=4)
+    pixels = np.zeros((4, cfg.vision.patch_dim), np.float32)
+    shapes = jax.eval_shape(lambda: Qwen2VL(unrolled).init(jax.random.key(0), ids, prepared, pixels,
+                                                           method=Qwen2VL.forward))
+    return nn.unbox(shapes["params"])
+
+
+def _check_shapes(params: dict, cfg: Qwen2VLConfig) -> None:
+    import jax
+
+    expected = dict(jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0])
+    wrong = []
+    for key, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+        want = expected[key].shape
+        if value.shape != want:
+            name, _ = param_to_torch(tuple(k.key for k in key), np.zeros(want, np.float32), cfg)
+            wrong.append(f"{name}: expected {_torch_shape(name, want, cfg)}")
+    if wrong:
+        raise ValueError(f"checkpoint tensors have the wrong shape for this config: {wrong[:8]}"
+                         f"{' …' if len(wrong) > 8 else ''}; is config.json the one these weights were saved with?")
+
+
+def _torch_shape(name: str, ours: tuple, cfg: Qwen2VLConfig) -> tuple:
+    for pattern, _, _, to_torch in _rules(cfg):
+        if re.fullmatch(pattern, name):
+            return tuple(to_torch(np.zeros(ours, np.float32)).shape)
+    return ours
+
+
 def params_from_torch(state_dict: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
                       cfg: Qwen2VLConfig, dtype=None) -> dict:
     """A whole state dict (name → array) → our params tree (stacked when cfg.scan_layers).
 
     Missing, unexpected or wrongly-shaped tensors raise ValueError naming them."""
     items = state_dict.items() if isinstance(state_dict, Mapping) else state_dict
+    expected = set(expected_torch_names(cfg))
     params, seen, unexpected = {}, set(), []
     for name, array in items:
+        canonical = canonical_name(name)
+        if canonical not in expected:
+            if not (canonical == "lm_head.weight" and cfg.text.tie_word_embeddings):  # tied copies are dropped
+                unexpected.append(name)
+            continue
         array = np.asarray(array)
         try:
             path, value = torch_to_param(name, array, cfg)
-        except UnknownTensor:
-            if canonical_name(name) == "lm_head.weight":
-                continue
-            unexpected.append(name)
-            continue
-        seen.add(canonical_name(name))
+        except ValueError as error:  # a reshape that cannot work: the tensor has the wrong size
+            raise ValueError(f"checkpoint tensor {name} has shape {array.shape}, which does not fit this config "
+                             f"({error}); is config.json the one these weights were saved with?") from None
+        seen.add(canonical)
         _set(params, path, value if dtype is None else value.astype(dtype))
-    if cfg.text.tie_word_embeddings:
-        seen.discard("lm_head.weight")
-        params.get("language_model", {}).pop("lm_head", None)
-    missing = sorted(set(expected_torch_names(cfg)) - seen)
+    missing = sorted(expected - seen)
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the config: missing {missing[:8]}"
-                         f"{' …' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
+                         f"{' …' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                         f"{' …' if len(unexpected) > 8 else ''}")
+    _check_shapes(params, cfg)
     return stack_layers(params, cfg) if cfg.scan_layers else params
