@@ -15,6 +15,7 @@ setup(
         "safetensors==0.8.0",
         "tokenizers==0.23.3",
         "ml_collections==1.1.0",
+        "ml_dtypes==0.6.0",
         "tqdm==4.70.1",
     ],
     extras_require={

@@ -10,6 +10,7 @@ _LAZY = {
     "Qwen2VL": "qwen2vl_jax.model",
     "prepare_inputs": "qwen2vl_jax.inputs",
     "get_rope_index": "qwen2vl_jax.rope",
+    "load": "qwen2vl_jax.checkpoint.load",
 }
 
 __all__ = ["Qwen2VLConfig", "TextConfig", "VisionConfig", *_LAZY]
