@@ -31,12 +31,14 @@ class Qwen2VL(nn.Module):
             if isinstance(value, jax.core.Tracer):
                 raise ValueError(f"{name} is traced (under jit); Qwen2VL.__call__ lays out the inputs on the host. "
                                  "Call qwen2vl_jax.prepare_inputs outside jit, then apply method=Qwen2VL.forward")
-        pixels = [np.asarray(p) if not isinstance(p, jax.Array) else p
-                  for p in (pixel_values, pixel_values_videos) if p is not None]
-        patch_dim = self.config.vision.patch_dim
-        for p, name in zip(pixels, ("pixel_values", "pixel_values_videos")):
+        patch_dim, pixels = self.config.vision.patch_dim, []
+        for p, name in ((pixel_values, "pixel_values"), (pixel_values_videos, "pixel_values_videos")):
+            if p is None:
+                continue
+            p = p if isinstance(p, jax.Array) else np.asarray(p)
             if p.ndim != 2 or p.shape[1] != patch_dim:
                 raise ValueError(f"{name} must be [patches, {patch_dim}] as the processor returns; got {p.shape}")
+            pixels.append(p)
         prepared = prepare_inputs(
             self.config, input_ids, attention_mask, image_grid_thw, video_grid_thw,
             image_rows=None if pixel_values is None else pixel_values.shape[0],

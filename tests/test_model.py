@@ -114,3 +114,11 @@ def test_traced_grids_are_a_clear_error():
     batch = make_batch(cfg, CASES["one_image"])
     with pytest.raises(ValueError, match="prepare_inputs outside jit"):
         jax.jit(lambda b: Qwen2VL(cfg).apply({"params": params}, **b))(batch)
+
+
+def test_pixel_rows_of_the_wrong_width_are_named():
+    cfg, _, params = reference("tied")
+    batch = make_batch(cfg, CASES["image_and_video"])
+    batch["pixel_values_videos"] = batch["pixel_values_videos"][:, :100]
+    with pytest.raises(ValueError, match=r"pixel_values_videos must be \[patches, 1176\]"):
+        Qwen2VL(cfg).apply({"params": params}, **batch)
