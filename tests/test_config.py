@@ -1,12 +1,12 @@
 """Presets, Hugging Face config reading, and parameter counts."""
 import json
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from qwen2vl_jax import Qwen2VL, Qwen2VLConfig, prepare_inputs
+from qwen2vl_jax import Qwen2VLConfig
+from qwen2vl_jax.checkpoint.mapping import param_shapes
 from reference import hf_config
 
 # The released Qwen2-VL-2B-Instruct config.json (flat layout), abridged to the fields that matter.
@@ -45,13 +45,7 @@ def test_presets_are_hashable_and_distinct():
 
 
 def _param_count(cfg):
-    model = Qwen2VL(cfg)
-    ids = np.array([[cfg.vision_start_token_id] + [cfg.image_token_id] * 4 + [cfg.vision_end_token_id]])
-    prepared = prepare_inputs(cfg, ids, image_grid_thw=np.array([[1, 4, 4]]), image_rows=16)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, prepared,
-                                               np.zeros((16, cfg.vision.patch_dim), np.float32),
-                                               method=Qwen2VL.forward))
-    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(nn.unbox(shapes["params"])))
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(param_shapes(cfg)))
 
 
 def test_2b_parameter_count_matches_the_released_model():

@@ -177,18 +177,11 @@ def _check_shapes(params: dict, cfg: Qwen2VLConfig) -> None:
     for key, value in jax.tree_util.tree_flatten_with_path(params)[0]:
         want = expected[key].shape
         if value.shape != want:
-            name, _ = param_to_torch(tuple(k.key for k in key), np.zeros(want, np.float32), cfg)
-            wrong.append(f"{name}: expected {_torch_shape(name, want, cfg)}")
+            name, torch_layout = param_to_torch(tuple(k.key for k in key), np.zeros(want, np.float32), cfg)
+            wrong.append(f"{name}: expected {tuple(torch_layout.shape)}")
     if wrong:
         raise ValueError(f"checkpoint tensors have the wrong shape for this config: {wrong[:8]}"
                          f"{' …' if len(wrong) > 8 else ''}; is config.json the one these weights were saved with?")
-
-
-def _torch_shape(name: str, ours: tuple, cfg: Qwen2VLConfig) -> tuple:
-    for pattern, _, _, to_torch in _rules(cfg):
-        if re.fullmatch(pattern, name):
-            return tuple(to_torch(np.zeros(ours, np.float32)).shape)
-    return ours
 
 
 def params_from_torch(state_dict: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
