@@ -28,6 +28,7 @@ setup(
     entry_points={
         "console_scripts": [
             "qwen2vl-demo=qwen2vl_jax.demo:main",
+            "qwen2vl-convert=qwen2vl_jax.checkpoint.convert:main",
         ],
     },
 )

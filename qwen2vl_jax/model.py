@@ -73,3 +73,14 @@ class Qwen2VL(nn.Module):
         """input_ids, attention_mask: int[B, L]; position_ids: int[3, B, L] → logits float32[B, L, V]."""
         embeds = self.embed(input_ids, features, splice_index)
         return self.language_model(embeds, position_ids, jnp.asarray(attention_mask, jnp.int32))
+
+
+def abstract_params(config: Qwen2VLConfig) -> dict:
+    """The params tree of `config` as jax.ShapeDtypeStruct leaves boxed in nn.LogicallyPartitioned (logical axis
+    names per dim; `nn.unbox` drops them), in the config's layer layout, computed without allocating."""
+    ids = np.array([[config.image_token_id]])
+    prepared = prepare_inputs(config, ids, image_grid_thw=np.array([[1, 2, 2]]), image_rows=4)
+    pixels = np.zeros((4, config.vision.patch_dim), np.float32)
+    variables = jax.eval_shape(lambda: Qwen2VL(config).init(jax.random.key(0), ids, prepared, pixels,
+                                                            method=Qwen2VL.forward))
+    return variables["params"]

@@ -1,7 +1,8 @@
 """Reading Hugging Face checkpoint folders lazily: one tensor at a time, memory-mapped where the format allows.
 
 A folder holds config.json and either model.safetensors, shards listed in model.safetensors.index.json, or the
-older pytorch_model.bin / pytorch_model-*.bin (+ index), read with torch.load(weights_only=True, mmap=True)."""
+older pytorch_model.bin / pytorch_model-*.bin (+ index), read with torch.load(weights_only=True, mmap=True), never
+a bare pickle."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ import os
 from typing import Iterator
 
 import numpy as np
+
+from qwen2vl_jax.checkpoint import safetensors_files
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -33,28 +36,13 @@ def weight_files(folder: str) -> list[str]:
 
 
 def iter_tensors(folder: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, numpy array) for every tensor of the folder, one at a time. bfloat16 tensors come back as
-    ml_dtypes bfloat16 arrays (no float32 copy)."""
+    """(name, numpy array) for every tensor of the folder, one file at a time. Arrays are read-only views of memory
+    maps (nothing is read until used); bfloat16 comes back as ml_dtypes.bfloat16."""
     for path in weight_files(folder):
-        if path.endswith(".safetensors"):
-            yield from _safetensors(path)
-        else:
-            yield from _torch_bin(path)
+        yield from (safetensors_files.read(path) if path.endswith(".safetensors") else _torch_bin(path)).items()
 
 
-def _safetensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(path, framework="flax") as f:
-            for name in f.keys():
-                yield name, np.asarray(f.get_tensor(name))
-    except SafetensorError as error:
-        raise ValueError(f"{path} is not a readable safetensors file ({error}); it may be truncated — "
-                         "download or copy it again") from None
-
-
-def _torch_bin(path: str) -> Iterator[tuple[str, np.ndarray]]:
+def _torch_bin(path: str) -> dict[str, np.ndarray]:
     import ml_dtypes
     import torch  # the .bin reader is the one runtime place torch is needed
 
@@ -62,8 +50,5 @@ def _torch_bin(path: str) -> Iterator[tuple[str, np.ndarray]]:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch raises several types for damaged archives
         raise ValueError(f"{path} could not be read by torch.load(weights_only=True): {error}") from None
-    for name, tensor in state.items():
-        if tensor.dtype == torch.bfloat16:
-            yield name, tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            yield name, tensor.numpy()
+    return {name: tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if tensor.dtype == torch.bfloat16
+            else tensor.numpy() for name, tensor in state.items()}

@@ -1,26 +1,100 @@
-"""`qwen2vl_jax.load`: params from a Hugging Face folder (config.json + safetensors or .bin)."""
+"""`qwen2vl_jax.load`: params from a folder converted by `qwen2vl-convert` (Orbax) or straight from a Hugging Face
+folder, in memory or placed shard by shard onto a mesh."""
 from __future__ import annotations
 
+import json
 import os
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
+from qwen2vl_jax.checkpoint import lazy, orbax_files
 from qwen2vl_jax.checkpoint.hf import iter_tensors
-from qwen2vl_jax.checkpoint.mapping import params_from_torch
+from qwen2vl_jax.checkpoint.mapping import param_shapes, params_from_torch, param_to_torch
 from qwen2vl_jax.config import Qwen2VLConfig
 
+PARAMS_DIR = "params"  # the Orbax PyTree checkpoint inside a converted folder
+FORMAT_FILE = "qwen2vl_jax.json"  # {"format_version", "scan_layers", "dtype"} beside it
 
-def load(path: str | os.PathLike, dtype=None, *, scan_layers: bool = False):
-    """→ (config, params) from a Hugging Face folder, streaming tensors one at a time.
 
-    dtype: cast every parameter (e.g. "bfloat16"; the config's dtype/param_dtype follow); None keeps the stored
-    dtype for the params and float32 compute."""
+def layer_counts(config: Qwen2VLConfig) -> dict[str, tuple[str, int]]:
+    return {"language_model": ("layers", config.text.num_hidden_layers), "visual": ("blocks", config.vision.depth)}
+
+
+def is_converted(path: str) -> bool:
+    return os.path.exists(os.path.join(path, FORMAT_FILE))
+
+
+def open_params(path: str, config: Qwen2VLConfig) -> tuple[dict, bool]:
+    """The folder's params as a tree of LazyArrays in their stored layout, nothing read yet, names and shapes checked
+    against `config`. → (tree, stored scan_layers)."""
+    if is_converted(path):
+        with open(os.path.join(path, FORMAT_FILE)) as f:
+            scan_layers = bool(json.load(f)["scan_layers"])
+        tree = orbax_files.open_arrays(os.path.join(path, PARAMS_DIR))
+        _check_against_config(tree, config, os.path.join(path, PARAMS_DIR))
+        return tree, scan_layers
+    views = params_from_torch(iter_tensors(path), config.replace(scan_layers=False))  # zero-copy, validated
+    return jax.tree_util.tree_map(lazy.from_array, views), False
+
+
+def _check_against_config(tree: dict, config: Qwen2VLConfig, where: str) -> None:
+    unrolled = lazy.relayout(tree, False, layer_counts(config)) if _has_layer_subtrees(tree, config) else tree
+    got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(unrolled)[0]}
+    want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
+    missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    wrong = [f"{k}: {got[k]} (config says {want[k]})" for k in sorted(want.keys() & got.keys()) if got[k] != want[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{where} does not match its config.json: missing {missing[:6]}, unexpected "
+                         f"{unexpected[:6]}, wrong shape {wrong[:6]}; convert the checkpoint again")
+
+
+def _has_layer_subtrees(tree: dict, config: Qwen2VLConfig) -> bool:
+    return all(prefix in tree.get(top, {}) for top, (prefix, _) in layer_counts(config).items())
+
+
+def load(path: str | os.PathLike, dtype=None, mesh=None, *, scan_layers: bool | None = None, shardings=None):
+    """→ (config, params) from a converted folder (Orbax) or a Hugging Face folder (config.json + safetensors or
+    .bin), one block at a time.
+
+    dtype: cast every parameter (e.g. "bfloat16"; config.dtype/param_dtype follow); None keeps the stored dtype.
+    mesh: place every array straight into its sharding from `sharding.rules` (each device reads only its slice);
+      `shardings` (a tree like params) overrides the rules. Without either, params are numpy arrays.
+    scan_layers: the layer layout to return (stacked for nn.scan or unrolled); None keeps the stored one
+      (unrolled for Hugging Face folders)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise ValueError(f"{path!r} is not a folder; pass a Hugging Face model folder (config.json + weights)")
-    config = Qwen2VLConfig.from_hf(path).replace(scan_layers=scan_layers)
+        raise ValueError(f"{path!r} is not a folder; pass a folder written by qwen2vl-convert or a Hugging Face "
+                         "model folder (config.json + weights)")
+    config = Qwen2VLConfig.from_hf(path)
+    tree, stored_scan = open_params(path, config)
+    scan = stored_scan if scan_layers is None else scan_layers
+    config = config.replace(scan_layers=scan)
+    tree = lazy.relayout(tree, scan, layer_counts(config))
     if dtype is not None:
         name = jnp.dtype(dtype).name
         config = config.replace(dtype=name, param_dtype=name)
-    params = params_from_torch(iter_tensors(path), config, dtype=None if dtype is None else jnp.dtype(dtype))
-    return config, params
+        tree = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), tree)
+    if mesh is None and shardings is None:
+        return config, jax.tree_util.tree_map(lazy.materialize, tree)
+    if shardings is None:
+        from sharding.rules import param_shardings  # the one rules table lives outside the model package
+
+        shardings = param_shardings(config, mesh)
+    return config, jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, x.__getitem__), tree, shardings)
+
+
+def torch_state(tree: dict, config: Qwen2VLConfig) -> list[tuple[str, lazy.LazyArray]]:
+    """A tree of LazyArrays (any layout) → (torch name, LazyArray in torch layout), in `expected_torch_names`
+    order, each read on demand."""
+    unrolled = lazy.relayout(tree, False, layer_counts(config))
+    out = []
+    for key, value in jax.tree_util.tree_flatten_with_path(unrolled)[0]:
+        path = tuple(k.key for k in key)
+        name, torch_shape = param_to_torch(path, np.empty(value.shape, np.bool_), config)
+        out.append((name, lazy.LazyArray(tuple(torch_shape.shape), value.dtype,
+                                         lambda index, value=value, path=path: param_to_torch(
+                                             path, value[:], config)[1][index])))
+    return out

@@ -13,6 +13,7 @@ import numpy as np
 from qwen2vl_jax.config import Qwen2VLConfig
 
 Path = tuple[str, ...]
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 _ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
@@ -155,18 +156,10 @@ def stack_layers(params: dict, cfg: Qwen2VLConfig) -> dict:
 def param_shapes(cfg: Qwen2VLConfig) -> dict:
     """The params tree of `cfg` as jax.ShapeDtypeStruct leaves (unrolled layers), computed without allocating."""
     import flax.linen as nn
-    import jax
 
-    from qwen2vl_jax.inputs import prepare_inputs
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax.model import abstract_params
 
-    unrolled = cfg.replace(scan_layers=False)
-    ids = np.array([[cfg.image_token_id]])
-    prepared = prepare_inputs(unrolled, ids, image_grid_thw=np.array([[1, 2, 2]]), image_rows=4)
-    pixels = np.zeros((4, cfg.vision.patch_dim), np.float32)
-    shapes = jax.eval_shape(lambda: Qwen2VL(unrolled).init(jax.random.key(0), ids, prepared, pixels,
-                                                           method=Qwen2VL.forward))
-    return nn.unbox(shapes["params"])
+    return nn.unbox(abstract_params(cfg.replace(scan_layers=False)))
 
 
 def _check_shapes(params: dict, cfg: Qwen2VLConfig) -> None:
@@ -199,6 +192,9 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray] | Iterable[tuple[str,
                 unexpected.append(name)
             continue
         array = np.asarray(array)
+        if array.dtype.name not in FLOAT_DTYPES:
+            raise ValueError(f"checkpoint tensor {name} has dtype {array.dtype}; weights must be one of "
+                             f"{FLOAT_DTYPES} — the file may be corrupt or not a Qwen2-VL checkpoint")
         try:
             path, value = torch_to_param(name, array, cfg)
         except ValueError as error:  # a reshape that cannot work: the tensor has the wrong size

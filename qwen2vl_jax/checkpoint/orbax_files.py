@@ -1,0 +1,77 @@
+"""Orbax PyTree checkpoints written and read one block at a time.
+
+Orbax's own NumpyHandler writes each array whole; a 72B model stacked for nn.scan has single arrays larger than
+this machine's RAM. `save` keeps Orbax's format (tree metadata, OCDBT, atomic commit) but registers a handler for
+LazyArray leaves that writes them block by block, in storage chunks of one block, one array at a time; the result
+is an ordinary checkpoint that `ocp.PyTreeCheckpointer().restore` reads as numpy arrays. `open_arrays` reads it back
+lazily through the same tensorstore specs Orbax uses."""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+
+from qwen2vl_jax.checkpoint.lazy import BLOCK_BYTES, LazyArray
+
+
+class _BlockwiseHandler(ocp.type_handlers.NumpyHandler):
+    """Writes LazyArrays chunk by chunk; restores as np.ndarray (the type string it records)."""
+
+    def __init__(self, on_written: Callable[[int], None] | None = None, block_bytes: int = BLOCK_BYTES):
+        super().__init__(deepcopy_host_arrays=False)
+        self._on_written = on_written or (lambda nbytes: None)
+        self._block_bytes = block_bytes
+
+    async def serialize(self, values: Sequence[LazyArray], infos, args=None):
+        return [ocp.future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args),
+                                                                 name="blockwise_lazy_array_writer")]
+
+    async def _write_all(self, values, infos, args):
+        args = args or [ocp.type_handlers.SaveArgs()] * len(values)
+        for value, info, arg in zip(values, infos, args):  # one array at a time bounds memory
+            await info.await_path_creation()
+            chunk = value.chunk_shape(self._block_bytes)
+            spec = ocp.type_handlers.get_json_tspec_write(
+                info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=chunk,
+                dtype=value.dtype, process_index=jax.process_index() if info.is_ocdbt_checkpoint else None, arg=arg)
+            store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+            pending = None
+            for index in value.blocks(chunk):
+                block = np.ascontiguousarray(value[index])  # read + transpose while the previous block is written
+                if pending is not None:
+                    await pending
+                pending = store[index].write(block)
+                self._on_written(block.nbytes)
+            if pending is not None:
+                await pending
+
+
+def save(directory: str | os.PathLike, tree: dict, on_written: Callable[[int], None] | None = None) -> None:
+    """Write a tree of LazyArrays as an Orbax PyTree checkpoint at `directory` (which must not exist)."""
+    registry = ocp.type_handlers.create_type_handler_registry((LazyArray, _BlockwiseHandler(on_written)))
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(epath.Path(directory if "://" in str(directory) else os.path.abspath(directory)), args=ocp.args.PyTreeSave(tree))
+
+
+def open_arrays(directory: str | os.PathLike) -> dict:
+    """The checkpoint at `directory` as a tree of LazyArrays backed by tensorstore (nothing read yet)."""
+    directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
+    metadata = ocp.PyTreeCheckpointer().metadata(directory).item_metadata.tree
+    use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(directory)
+    context = ocp.type_handlers.get_ts_context()
+
+    def open_one(meta) -> LazyArray:
+        info = ocp.type_handlers.ParamInfo(name=meta.name, parent_dir=directory, is_ocdbt_checkpoint=use_ocdbt)
+        spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
+        store = ts.open(ts.Spec(spec), open=True, read=True, context=context).result()
+        return LazyArray(tuple(store.shape), np.dtype(store.dtype.numpy_dtype),
+                         lambda index: store[index].read().result())
+
+    return jax.tree_util.tree_map(open_one, metadata, is_leaf=lambda x: hasattr(x, "shape"))
