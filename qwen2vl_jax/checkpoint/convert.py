@@ -5,6 +5,7 @@ in a temporary folder beside --out and renamed at the end: --out holds a complet
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -100,6 +101,32 @@ def _shards(named: list[tuple[str, lazy.LazyArray]], max_bytes: int) -> list[lis
     return shards
 
 
+class _Prefetcher:
+    """Reads arrays in order on a background thread, up to `ahead_bytes` beyond the one being written
+    (tensorstore decompression and numpy transposes overlap the file writes)."""
+
+    def __init__(self, arrays: list[lazy.LazyArray], ahead_bytes: int = 4 * lazy.BLOCK_BYTES):
+        self._arrays, self._ahead_bytes, self._futures = arrays, ahead_bytes, {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def get(self, k: int, on_read=lambda nbytes: None) -> np.ndarray:
+        ahead, j = 0, k
+        while j < len(self._arrays) and (j == k or ahead + self._arrays[j].nbytes <= self._ahead_bytes):
+            if j not in self._futures:
+                self._futures[j] = self._pool.submit(lazy.materialize, self._arrays[j])
+            ahead += self._arrays[j].nbytes if j > k else 0
+            j += 1
+        block = self._futures.pop(k).result()
+        on_read(block.nbytes)
+        return block
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._pool.shutdown(cancel_futures=True)
+
+
 def orbax_to_hf(orbax_dir: str, out: str, dtype: str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
     """Export a converted folder as safetensors shards (+ index) that transformers loads; → {"bytes", ...}."""
     start = time.perf_counter()
@@ -114,16 +141,14 @@ def orbax_to_hf(orbax_dir: str, out: str, dtype: str | None = None, max_shard_by
     total = sum(a.nbytes for _, a in named)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    with _atomic_folder(out) as tmp, _bar(total, "orbax → hf") as bar:
+    with _atomic_folder(out) as tmp, _bar(total, "orbax → hf") as bar, _Prefetcher([a for _, a in named]) as ahead:
+        position = 0
         for file_name, shard in zip(names, shards):
-            def produce(array):
-                block = lazy.materialize(array)
-                bar.update(block.nbytes)
-                return block
-
-            safetensors_files.write(os.path.join(tmp, file_name),
-                                    [(n, a.shape, a.dtype, lambda a=a: produce(a)) for n, a in shard],
-                                    metadata={"format": "pt"})
+            entries = []
+            for name, array in shard:
+                entries.append((name, array.shape, array.dtype, lambda k=position: ahead.get(k, bar.update)))
+                position += 1
+            safetensors_files.write(os.path.join(tmp, file_name), entries, metadata={"format": "pt"})
         if len(shards) > 1:
             with open(os.path.join(tmp, SAFETENSORS_INDEX), "w") as f:
                 json.dump({"metadata": {"total_size": total},

@@ -23,6 +23,7 @@ class LazyArray:
     shape: tuple[int, ...]
     dtype: np.dtype
     read: Callable[[Index], np.ndarray]
+    layer_axes: int = 0  # leading axes that stack layers: storage chunks hold one layer, so one layer reads one chunk
 
     @property
     def ndim(self) -> int:
@@ -44,8 +45,8 @@ class LazyArray:
 
     def chunk_shape(self, block_bytes: int = BLOCK_BYTES) -> tuple[int, ...]:
         """The largest C-order block of at most `block_bytes`: whole trailing axes, a run along one axis, ones before."""
-        chunk, itemsize = list(self.shape), np.dtype(self.dtype).itemsize
-        for axis in range(self.ndim):
+        chunk, itemsize = [1] * self.layer_axes + list(self.shape[self.layer_axes:]), np.dtype(self.dtype).itemsize
+        for axis in range(self.layer_axes, self.ndim):
             inner = math.prod(chunk[axis + 1:]) * itemsize
             if chunk[axis] * inner <= block_bytes:
                 break
@@ -73,13 +74,14 @@ def stacked(layers: list[LazyArray]) -> LazyArray:
     def read(index: Index) -> np.ndarray:
         return np.stack([layers[i][index[1:]] for i in range(index[0].start, index[0].stop)])
 
-    return LazyArray((len(layers), *first.shape), first.dtype, read)
+    return LazyArray((len(layers), *first.shape), first.dtype, read, first.layer_axes + 1)
 
 
 def unstacked(array: LazyArray) -> list[LazyArray]:
     """The inverse of `stacked`."""
     def layer(i: int) -> LazyArray:
-        return LazyArray(array.shape[1:], array.dtype, lambda index: array.read((slice(i, i + 1), *index))[0])
+        return LazyArray(array.shape[1:], array.dtype, lambda index: array.read((slice(i, i + 1), *index))[0],
+                         max(0, array.layer_axes - 1))
 
     return [layer(i) for i in range(array.shape[0])]
 

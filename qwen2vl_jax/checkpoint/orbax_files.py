@@ -2,12 +2,13 @@
 
 Orbax's own NumpyHandler writes each array whole; a 72B model stacked for nn.scan has single arrays larger than
 this machine's RAM. `save` keeps Orbax's format (tree metadata, OCDBT, atomic commit) but registers a handler for
-LazyArray leaves that writes them block by block, in storage chunks of one block, one array at a time; the result
+LazyArray leaves that writes them block by block, in storage chunks of one block, a few blocks in flight; the result
 is an ordinary checkpoint that `ocp.PyTreeCheckpointer().restore` reads as numpy arrays. `open_arrays` reads it back
 lazily through the same tensorstore specs Orbax uses."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from typing import Callable, Sequence
 
@@ -27,6 +28,7 @@ class _BlockwiseHandler(ocp.type_handlers.NumpyHandler):
         super().__init__(deepcopy_host_arrays=False)
         self._on_written = on_written or (lambda nbytes: None)
         self._block_bytes = block_bytes
+        self._in_flight_bytes = 4 * block_bytes  # bounds memory; measured: 1 block 13.5 s, 4 blocks 12.2 s (2B)
 
     async def serialize(self, values: Sequence[LazyArray], infos, args=None):
         return [ocp.future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args),
@@ -34,28 +36,36 @@ class _BlockwiseHandler(ocp.type_handlers.NumpyHandler):
 
     async def _write_all(self, values, infos, args):
         args = args or [ocp.type_handlers.SaveArgs()] * len(values)
-        for value, info, arg in zip(values, infos, args):  # one array at a time bounds memory
-            await info.await_path_creation()
-            chunk = value.chunk_shape(self._block_bytes)
-            spec = ocp.type_handlers.get_json_tspec_write(
-                info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=chunk,
-                dtype=value.dtype, process_index=jax.process_index() if info.is_ocdbt_checkpoint else None, arg=arg)
-            store = await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
-            pending = None
+        # Opening creates each array's metadata: do all at once (one OCDBT commit, not one per array).
+        stores = await asyncio.gather(*(self._open(v, i, a) for v, i, a in zip(values, infos, args)))
+        in_flight, in_flight_bytes = collections.deque(), 0
+        for value, (store, chunk) in zip(values, stores):
             for index in value.blocks(chunk):
-                block = np.ascontiguousarray(value[index])  # read + transpose while the previous block is written
-                if pending is not None:
-                    await pending
-                pending = store[index].write(block)
-                self._on_written(block.nbytes)
-            if pending is not None:
-                await pending
+                block = np.ascontiguousarray(value[index])  # read + transpose while earlier blocks are written
+                while in_flight and in_flight_bytes + block.nbytes > self._in_flight_bytes:
+                    write, nbytes = in_flight.popleft()
+                    await write
+                    in_flight_bytes -= nbytes
+                    self._on_written(nbytes)
+                in_flight.append((store[index].write(block), block.nbytes))
+                in_flight_bytes += block.nbytes
+        for write, nbytes in in_flight:
+            await write
+            self._on_written(nbytes)
+
+    async def _open(self, value: LazyArray, info, arg):
+        await info.await_path_creation()
+        chunk = value.chunk_shape(self._block_bytes)
+        spec = ocp.type_handlers.get_json_tspec_write(
+            info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=value.shape, local_shape=chunk,
+            dtype=value.dtype, process_index=jax.process_index() if info.is_ocdbt_checkpoint else None, arg=arg)
+        return await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context), chunk
 
 
 def save(directory: str | os.PathLike, tree: dict, on_written: Callable[[int], None] | None = None) -> None:
     """Write a tree of LazyArrays as an Orbax PyTree checkpoint at `directory` (which must not exist)."""
     registry = ocp.type_handlers.create_type_handler_registry((LazyArray, _BlockwiseHandler(on_written)))
-    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+    handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=True)
     with ocp.Checkpointer(handler) as checkpointer:
         checkpointer.save(epath.Path(directory if "://" in str(directory) else os.path.abspath(directory)), args=ocp.args.PyTreeSave(tree))
 
@@ -63,7 +73,10 @@ def save(directory: str | os.PathLike, tree: dict, on_written: Callable[[int], N
 def open_arrays(directory: str | os.PathLike) -> dict:
     """The checkpoint at `directory` as a tree of LazyArrays backed by tensorstore (nothing read yet)."""
     directory = epath.Path(directory if "://" in str(directory) else os.path.abspath(directory))
-    metadata = ocp.PyTreeCheckpointer().metadata(directory).item_metadata.tree
+    metadata = ocp.PyTreeCheckpointer().metadata(directory).item_metadata
+    if metadata is None:
+        raise ValueError(f"{directory} is not an Orbax PyTree checkpoint (no tree metadata); convert again")
+    metadata = metadata.tree
     use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(directory)
     context = ocp.type_handlers.get_ts_context()
 
