@@ -13,6 +13,8 @@
 With --cold, the page cache is dropped (needs root) before each conversion, so the source is read from disk.
 
     python bench/convert.py [--workdir /tmp/qwen2vl-convert-bench] [--cold] [--keep]
+    python bench/convert.py --preset 72b --text-layers 2 --vision-depth 2 --workdir /tmp/qwen2vl-convert-72b \
+        --results bench/results/convert_72b_width.json   # 72B-sized tensors (2.5 GB embedding), shallow
 """
 from __future__ import annotations
 
@@ -29,7 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results", "convert.json")
 
 
-def make_checkpoint(folder: str) -> None:
+def make_checkpoint(folder: str, preset: str = "2b", text_layers: int | None = None,
+                    vision_depth: int | None = None) -> None:
+    import dataclasses
+
     import torch
     from transformers import Qwen2VLConfig as HFConfig, Qwen2VLForConditionalGeneration
 
@@ -37,7 +42,10 @@ def make_checkpoint(folder: str) -> None:
     from qwen2vl_jax import Qwen2VLConfig
 
     torch.manual_seed(0)
-    config = HFConfig(**Qwen2VLConfig.preset("2b").to_hf_dict())
+    ours = Qwen2VLConfig.preset(preset)
+    ours = ours.replace(text=dataclasses.replace(ours.text, num_hidden_layers=text_layers or ours.text.num_hidden_layers),
+                        vision=dataclasses.replace(ours.vision, depth=vision_depth or ours.vision.depth))
+    config = HFConfig(**ours.to_hf_dict())
     with torch.device("meta"):
         model = Qwen2VLForConditionalGeneration(config).to(torch.bfloat16)
     model = model.to_empty(device="cpu")
@@ -112,11 +120,15 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/qwen2vl-convert-bench")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each run (root)")
     parser.add_argument("--keep", action="store_true", help="keep the converted folders")
+    parser.add_argument("--preset", default="2b", help="layout of the random checkpoint (2b, 7b, 72b)")
+    parser.add_argument("--text-layers", type=int, help="fewer decoder layers than the preset (full-width tensors)")
+    parser.add_argument("--vision-depth", type=int, help="fewer ViT blocks than the preset")
+    parser.add_argument("--results", default=RESULTS)
     args = parser.parse_args()
     hf, runs = os.path.join(args.workdir, "hf"), {}
     if not os.path.exists(os.path.join(hf, "config.json")):
         start = time.perf_counter()
-        make_checkpoint(hf)
+        make_checkpoint(hf, args.preset, args.text_layers, args.vision_depth)
         print(f"made {hf} in {time.perf_counter() - start:.0f} s", flush=True)
     source_bytes = folder_bytes(hf, ".safetensors")
     convert = [sys.executable, "-m", "qwen2vl_jax.checkpoint.convert"]
@@ -136,13 +148,14 @@ def main() -> None:
         runs[name] = result
         print(name, result, flush=True)
     count, differ = tensors_equal(hf, os.path.join(args.workdir, "back"))
-    report = {"source_GB": round(source_bytes / 1e9, 3), "cold_cache": args.cold, "runs": runs,
+    report = {"preset": args.preset, "text_layers": args.text_layers, "vision_depth": args.vision_depth,
+              "source_GB": round(source_bytes / 1e9, 3), "cold_cache": args.cold, "runs": runs,
               "round_trip": {"tensors": count, "differ": differ},
               "machine": {"cpus": os.cpu_count(), "mem_GB": round(os.sysconf("SC_PAGE_SIZE")
                                                                  * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}}
     print(json.dumps(report, indent=2))
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
+    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+    with open(args.results, "w") as f:
         json.dump(report, f, indent=2)
     if not args.keep:
         for name in ("ox", "oxs", "back"):

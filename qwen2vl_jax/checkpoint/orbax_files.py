@@ -62,9 +62,12 @@ class _BlockwiseHandler(ocp.type_handlers.NumpyHandler):
         return await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context), chunk
 
 
-def save(directory: str | os.PathLike, tree: dict, on_written: Callable[[int], None] | None = None) -> None:
-    """Write a tree of LazyArrays as an Orbax PyTree checkpoint at `directory` (which must not exist)."""
-    registry = ocp.type_handlers.create_type_handler_registry((LazyArray, _BlockwiseHandler(on_written)))
+def save(directory: str | os.PathLike, tree: dict, on_written: Callable[[int], None] | None = None,
+         block_bytes: int = BLOCK_BYTES) -> None:
+    """Write a tree of LazyArrays as an Orbax PyTree checkpoint at `directory` (which must not exist);
+    `on_written(nbytes)` after each block."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (LazyArray, _BlockwiseHandler(on_written, block_bytes)))
     handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=True)
     with ocp.Checkpointer(handler) as checkpointer:
         checkpointer.save(epath.Path(directory if "://" in str(directory) else os.path.abspath(directory)), args=ocp.args.PyTreeSave(tree))
@@ -81,7 +84,8 @@ def open_arrays(directory: str | os.PathLike) -> dict:
     context = ocp.type_handlers.get_ts_context()
 
     def open_one(meta) -> LazyArray:
-        info = ocp.type_handlers.ParamInfo(name=meta.name, parent_dir=directory, is_ocdbt_checkpoint=use_ocdbt)
+        info = ocp.type_handlers.ParamInfo(name=meta.name, parent_dir=directory, is_ocdbt_checkpoint=use_ocdbt,
+                                           ts_context=context)
         spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=use_ocdbt)
         store = ts.open(ts.Spec(spec), open=True, read=True, context=context).result()
         return LazyArray(tuple(store.shape), np.dtype(store.dtype.numpy_dtype),
