@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from jax.sharding import PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
@@ -16,6 +17,8 @@ from qwen2vl_jax import Qwen2VL, Qwen2VLConfig
 from qwen2vl_jax.checkpoint import lazy, orbax_files
 from qwen2vl_jax.checkpoint.convert import hf_to_orbax, main, orbax_to_hf
 from qwen2vl_jax.checkpoint.hf import iter_tensors
+from qwen2vl_jax.processing import Processor
+from qwen2vl_jax.processing.fixtures import write_tiny_processor
 from reference import reference, torch_logits
 from test_checkpoint_hf import _save
 from test_model import CASES, make_batch
@@ -36,10 +39,17 @@ def _tensors(folder) -> dict[str, np.ndarray]:
 def test_converted_folder_loads_with_torch_logits(tmp_path, name, layout, scan):
     cfg, model, _ = reference(name)
     hf = _save(model, tmp_path / "hf", **LAYOUTS[layout])
-    (hf / "tokenizer.json").write_text("{}")  # side files travel with the weights
+    write_tiny_processor(hf)  # tokenizer and processor files travel with the weights
     hf_to_orbax(str(hf), str(tmp_path / "ox"), scan_layers=scan)
     files = sorted(os.listdir(tmp_path / "ox"))
-    assert files == ["config.json", "generation_config.json", "params", "qwen2vl_jax.json", "tokenizer.json"]
+    assert files == ["chat_template.json", "config.json", "generation_config.json", "params",
+                     "preprocessor_config.json", "qwen2vl_jax.json", "tokenizer.json"]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), np.uint8))
+    inputs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    served, original = (Processor.from_pretrained(f)(inputs, images=[image]) for f in (tmp_path / "ox", hf))
+    assert served.keys() == original.keys()
+    for key in served:
+        np.testing.assert_array_equal(served[key], original[key])
     config, params = qwen2vl_jax.load(tmp_path / "ox")
     assert config == cfg.replace(scan_layers=scan)
     assert ("layers" in params["language_model"]) == scan
@@ -172,6 +182,16 @@ def test_bad_checkpoints_are_named_and_leave_nothing_at_out(tmp_path, edit, mess
     hf = _broken(tmp_path, edit)
     with pytest.raises(ValueError, match=message):
         hf_to_orbax(hf, str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_truncated_file_is_named_and_leaves_nothing_at_out(tmp_path):
+    _, model, _ = reference("tied")
+    hf = _save(model, tmp_path / "hf")
+    weights = hf / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"model.safetensors is not a readable safetensors file .* truncated"):
+        main(["--hf-dir", str(hf), "--out", str(tmp_path / "out")])
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 

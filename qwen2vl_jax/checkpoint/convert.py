@@ -8,10 +8,12 @@ import argparse
 import concurrent.futures
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -90,35 +92,36 @@ def hf_to_orbax(hf_dir: str, out: str, dtype: str | None = None, scan_layers: bo
     return {"bytes": total, "tensors": len(leaves), "seconds": time.perf_counter() - start}
 
 
-def _shards(named: list[tuple[str, lazy.LazyArray]], max_bytes: int) -> list[list[tuple[str, lazy.LazyArray]]]:
+def _nbytes(shape: tuple[int, ...], dtype) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def _shards(named: list[tuple], max_bytes: int) -> list[list[tuple]]:
+    """Consecutive groups of (name, shape, dtype, read) entries of at most `max_bytes` (a larger tensor alone)."""
     shards, size = [[]], 0
-    for name, array in named:
-        if shards[-1] and size + array.nbytes > max_bytes:
+    for entry in named:
+        nbytes = _nbytes(entry[1], entry[2])
+        if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((name, array))
-        size += array.nbytes
+        shards[-1].append(entry)
+        size += nbytes
     return shards
 
 
 class _Prefetcher:
-    """Reads arrays in order on a background thread, up to `ahead_bytes` beyond the one being written
-    (tensorstore decompression and numpy transposes overlap the file writes)."""
+    """Runs `read` functions in order on a background thread, one ahead of the caller (tensorstore decompression
+    overlaps the file writes)."""
 
-    def __init__(self, arrays: list[lazy.LazyArray], ahead_bytes: int = 4 * lazy.BLOCK_BYTES):
-        self._arrays, self._ahead_bytes, self._futures = arrays, ahead_bytes, {}
+    def __init__(self, reads: list[Callable[[], np.ndarray]]):
+        self._reads, self._futures = reads, {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1)
 
-    def get(self, k: int, on_read=lambda nbytes: None) -> np.ndarray:
-        ahead, j = 0, k
-        while j < len(self._arrays) and (j == k or ahead + self._arrays[j].nbytes <= self._ahead_bytes):
-            if j not in self._futures:
-                self._futures[j] = self._pool.submit(lazy.materialize, self._arrays[j])
-            ahead += self._arrays[j].nbytes if j > k else 0
-            j += 1
-        block = self._futures.pop(k).result()
-        on_read(block.nbytes)
-        return block
+    def get(self, k: int) -> np.ndarray:
+        for j in (k, k + 1):
+            if j < len(self._reads) and j not in self._futures:
+                self._futures[j] = self._pool.submit(self._reads[j])
+        return self._futures.pop(k).result()
 
     def __enter__(self):
         return self
@@ -138,21 +141,27 @@ def orbax_to_hf(orbax_dir: str, out: str, dtype: str | None = None, max_shard_by
         tree = jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
     named = torch_state(tree, config)
     shards = _shards(named, max_shard_bytes)
-    total = sum(a.nbytes for _, a in named)
+    total = sum(_nbytes(shape, tensor_dtype) for _, shape, tensor_dtype, _ in named)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    with _atomic_folder(out) as tmp, _bar(total, "orbax → hf") as bar, _Prefetcher([a for _, a in named]) as ahead:
+    with _atomic_folder(out) as tmp, _bar(total, "orbax → hf") as bar, \
+            _Prefetcher([read for *_, read in named]) as ahead:
+        def read(k: int) -> np.ndarray:
+            array = ahead.get(k)
+            bar.update(array.nbytes)
+            return array
+
         position = 0
         for file_name, shard in zip(names, shards):
             entries = []
-            for name, array in shard:
-                entries.append((name, array.shape, array.dtype, lambda k=position: ahead.get(k, bar.update)))
+            for name, shape, tensor_dtype, _ in shard:
+                entries.append((name, shape, tensor_dtype, lambda k=position: read(k)))
                 position += 1
             safetensors_files.write(os.path.join(tmp, file_name), entries, metadata={"format": "pt"})
         if len(shards) > 1:
             with open(os.path.join(tmp, SAFETENSORS_INDEX), "w") as f:
                 json.dump({"metadata": {"total_size": total},
-                           "weight_map": {n: f_name for f_name, shard in zip(names, shards) for n, _ in shard}},
+                           "weight_map": {n: f_name for f_name, shard in zip(names, shards) for n, *_ in shard}},
                           f, indent=2)
         _copy_side_files(orbax_dir, tmp, dtype)
     return {"bytes": total, "tensors": len(named), "files": len(shards), "seconds": time.perf_counter() - start}

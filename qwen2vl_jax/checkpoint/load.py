@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -86,15 +87,14 @@ def load(path: str | os.PathLike, dtype=None, mesh=None, *, scan_layers: bool | 
         lambda x, s: jax.make_array_from_callback(x.shape, s, x.__getitem__), tree, shardings)
 
 
-def torch_state(tree: dict, config: Qwen2VLConfig) -> list[tuple[str, lazy.LazyArray]]:
-    """A tree of LazyArrays (any layout) → (torch name, LazyArray in torch layout), in `expected_torch_names`
-    order, each read on demand."""
+def torch_state(tree: dict, config: Qwen2VLConfig) -> list[tuple[str, tuple[int, ...], np.dtype, Callable]]:
+    """A tree of LazyArrays (any layout) → (torch name, torch shape, dtype, read) per tensor; `read()` loads that one
+    tensor and returns it in torch layout (a transposed view: write it out in pieces)."""
     unrolled = lazy.relayout(tree, False, layer_counts(config))
     out = []
     for key, value in jax.tree_util.tree_flatten_with_path(unrolled)[0]:
         path = tuple(k.key for k in key)
-        name, torch_shape = param_to_torch(path, np.empty(value.shape, np.bool_), config)
-        out.append((name, lazy.LazyArray(tuple(torch_shape.shape), value.dtype,
-                                         lambda index, value=value, path=path: param_to_torch(
-                                             path, value[:], config)[1][index])))
+        name, layout = param_to_torch(path, np.empty(value.shape, np.bool_), config)  # shape only; never touched
+        out.append((name, tuple(layout.shape), np.dtype(value.dtype),
+                    lambda value=value, path=path: param_to_torch(path, lazy.materialize(value), config)[1]))
     return out

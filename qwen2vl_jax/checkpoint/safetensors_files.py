@@ -19,6 +19,7 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dt
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 _ALIGN = 8  # tensor data starts 8-byte aligned, as the package writes it
+_PIECE_BYTES = 64 << 20
 
 
 def read(path: str) -> dict[str, np.ndarray]:
@@ -64,7 +65,8 @@ def read(path: str) -> dict[str, np.ndarray]:
 def write(path: str, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
           metadata: dict[str, str] | None = None) -> int:
     """Write (name, shape, dtype, produce) entries, calling each `produce()` only when its bytes are due, so only
-    one tensor is in memory at a time. → bytes written."""
+    one tensor is in memory at a time; a non-contiguous result (e.g. a transposed view) is copied 64 MiB at a time.
+    → bytes written."""
     entries = list(tensors)
     header, offset = {}, 0
     for name, shape, dtype, _ in entries:
@@ -78,9 +80,12 @@ def write(path: str, tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Cal
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
         for name, shape, dtype, produce in entries:
-            array = np.ascontiguousarray(produce())
+            array = produce()
             if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
                 raise ValueError(f"{name}: produced {array.dtype}{list(array.shape)}, announced "
                                  f"{np.dtype(dtype)}{list(shape)}")
-            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            rows = max(1, _PIECE_BYTES // max(1, array[:1].nbytes)) if array.ndim else 1
+            for start in range(0, len(array) if array.ndim else 1, rows):  # a transposed view is copied in pieces
+                piece = np.ascontiguousarray(array[start:start + rows] if array.ndim else array)
+                f.write(memoryview(piece.reshape(-1).view(np.uint8)))
     return 8 + len(encoded) + offset
