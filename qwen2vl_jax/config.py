@@ -55,6 +55,11 @@ class TextConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+# none: keep every activation; full: keep only each layer's input and recompute the rest; dots: keep matmul
+# outputs; dots_no_batch: keep matmul outputs without batch dims (weights-stationary products).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen2VLConfig:
     """Everything the network needs. `dtype` is the compute/param dtype of matmuls ("float32" or
@@ -72,6 +77,11 @@ class Qwen2VLConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     attention: str = "xla"
+    remat: str = "none"  # rematerialization of each layer's activations in the backward pass: see REMAT_POLICIES
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
 
     def replace(self, **changes: Any) -> "Qwen2VLConfig":
         return dataclasses.replace(self, **changes)

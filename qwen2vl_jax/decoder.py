@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from qwen2vl_jax.attention import dot_product_attention
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.layers import Linear, RMSNorm, param_with_axes
+from qwen2vl_jax.layers import Linear, RMSNorm, layer_stack, param_with_axes, run_stack
 from qwen2vl_jax.rope import apply_rotary, mrope
 
 
@@ -51,7 +51,8 @@ class DecoderLayer(nn.Module):
         h = RMSNorm(t.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
         x = x + SelfAttention(self.config, name="self_attn")(h, cos, sin, segment_ids)
         h = RMSNorm(t.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
-        return x + MLP(self.config, name="mlp")(h), None
+        x = x + MLP(self.config, name="mlp")(h)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
 class TextModel(nn.Module):
@@ -62,12 +63,7 @@ class TextModel(nn.Module):
         t, pdt = self.config.text, self.config.param_dtype
         self.embed_tokens = param_with_axes(self, "embed_tokens", nn.initializers.normal(0.02),
                                             (t.vocab_size, t.hidden_size), pdt, ("vocab", "embed"))
-        if self.config.scan_layers:
-            self.layers = nn.scan(DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-                                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=t.num_hidden_layers,
-                                  metadata_params={nn.PARTITION_NAME: "layers"})(self.config)
-        else:
-            self.layers = [DecoderLayer(self.config) for _ in range(t.num_hidden_layers)]
+        self.layers = layer_stack(DecoderLayer, self.config, t.num_hidden_layers)
         self.norm = RMSNorm(t.rms_norm_eps, self.config.dtype, pdt)
         if not t.tie_word_embeddings:
             self.lm_head = Linear((t.vocab_size,), ("embed", "vocab"), use_bias=False, dtype=self.config.dtype,
@@ -81,15 +77,11 @@ class TextModel(nn.Module):
         """inputs_embeds: [B, L, D]; position_ids: int[3, B, L]; segment_ids: int32[B, L] → logits float32[B, L, V]."""
         t = self.config.text
         cos, sin = mrope(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
-        x = inputs_embeds
-        if self.config.scan_layers:
-            x, _ = self.layers(x, cos, sin, segment_ids)
-        else:
-            for layer in self.layers:
-                x, _ = layer(x, cos, sin, segment_ids)
+        x = nn.with_logical_constraint(inputs_embeds, ("batch", "length", "embed"))
+        x = run_stack(self.layers, self.config, x, cos, sin, segment_ids)
         x = self.norm(x)
         if t.tie_word_embeddings:
             logits = jnp.einsum("bld,vd->blv", x, self.embed_tokens.astype(self.config.dtype))
         else:
             logits = self.lm_head(x)
-        return logits.astype(jnp.float32)
+        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -10,6 +10,30 @@ import jax.numpy as jnp
 Axes = Sequence[str | None]
 
 
+def layer_stack(layer: type[nn.Module], config, count: int, name: str | None = None, **kwargs):
+    """`count` layers of type `layer` with the config's remat policy: one nn.scan over stacked params
+    (`scan_layers`) or a list named `{name}_{i}`. Layers take (x, *broadcast) and return (x, None)."""
+    policies = {"full": jax.checkpoint_policies.nothing_saveable,
+                "dots": jax.checkpoint_policies.checkpoint_dots,
+                "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+    if config.remat != "none":
+        layer = nn.remat(layer, policy=policies[config.remat], prevent_cse=not config.scan_layers)
+    if config.scan_layers:
+        return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=count,
+                       metadata_params={nn.PARTITION_NAME: "layers"})(config, name=name, **kwargs)
+    return [layer(config, name=None if name is None else f"{name}_{i}", **kwargs) for i in range(count)]
+
+
+def run_stack(stack, config, x, *broadcast):
+    """Apply what `layer_stack` built: x → x."""
+    if config.scan_layers:
+        return stack(x, *broadcast)[0]
+    for layer in stack:
+        x, _ = layer(x, *broadcast)
+    return x
+
+
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: Axes):
     """A parameter carrying logical axis names; `sharding/` maps them to mesh axes."""
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)

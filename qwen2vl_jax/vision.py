@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from qwen2vl_jax.attention import dot_product_attention
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.layers import LayerNorm, Linear, quick_gelu
+from qwen2vl_jax.layers import LayerNorm, Linear, layer_stack, quick_gelu, run_stack
 from qwen2vl_jax.rope import apply_rotary, vision_rope
 
 
@@ -51,7 +51,7 @@ class VisionBlock(nn.Module):
         x = x + VisionAttention(self.config, name="attn")(
             LayerNorm(v.layer_norm_eps, dt, pdt, name="norm1")(x), cos, sin, segment_ids)
         x = x + VisionMLP(self.config, name="mlp")(LayerNorm(v.layer_norm_eps, dt, pdt, name="norm2")(x))
-        return x, None
+        return nn.with_logical_constraint(x, ("patches", "embed")), None
 
 
 class PatchMerger(nn.Module):
@@ -81,13 +81,8 @@ class VisionTransformer(nn.Module):
         x = Linear((v.embed_dim,), (None, "embed"), use_bias=False, dtype=dt, param_dtype=pdt,
                    name="patch_embed")(pixel_values)
         cos, sin = vision_rope(pos_hw, v.head_dim)
-        if self.config.scan_layers:
-            blocks = nn.scan(VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=v.depth,
-                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = blocks(self.config, name="blocks")(x, cos, sin, segment_ids)
-        else:
-            for i in range(v.depth):
-                x, _ = VisionBlock(self.config, name=f"blocks_{i}")(x, cos, sin, segment_ids)
+        x = nn.with_logical_constraint(x, ("patches", "embed"))
+        x = run_stack(layer_stack(VisionBlock, self.config, v.depth, name="blocks"), self.config, x, cos, sin,
+                      segment_ids)
         merged = PatchMerger(self.config, name="merger")(x)
         return (merged, x) if return_hidden else merged
