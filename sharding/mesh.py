@@ -56,19 +56,21 @@ def make_mesh(ici: str | dict[str, int] = "fsdp=-1", *, dcn: str | dict[str, int
     dcn_axes = {name: 1 for name in AXES} | parse_axes(dcn)
     slices = math.prod(dcn_axes.values())
     ici_axes = resolve_axes(parse_axes(ici), len(devices) // slices)
-    shape = tuple(ici_axes[n] * dcn_axes[n] for n in AXES)
-    if slices > 1:
-        from jax.experimental import mesh_utils
-
-        grid = mesh_utils.create_hybrid_device_mesh(tuple(ici_axes[n] for n in AXES),
-                                                    tuple(dcn_axes[n] for n in AXES), devices)
-    elif devices[0].platform == "cpu":
-        grid = np.array(devices).reshape(shape)
-    else:
-        from jax.experimental import mesh_utils
-
-        grid = mesh_utils.create_device_mesh(shape, devices)
+    grid = device_grid(tuple(ici_axes[n] for n in AXES), tuple(dcn_axes[n] for n in AXES), devices)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def device_grid(ici_shape: tuple[int, ...], dcn_shape: tuple[int, ...], devices) -> np.ndarray:
+    """Devices arranged as ici_shape × dcn_shape (elementwise). Across slices (dcn > 1) each slice — or, where
+    devices have no slice_index (CPU, GPU), each process — is one block of the grid, so only dcn axes cross it."""
+    from jax.experimental import mesh_utils
+
+    if math.prod(dcn_shape) > 1:
+        return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                    process_is_granule=not hasattr(devices[0], "slice_index"))
+    if devices[0].platform == "cpu":  # no physical topology to follow
+        return np.array(devices).reshape(ici_shape)
+    return mesh_utils.create_device_mesh(ici_shape, devices)
 
 
 def initialize_distributed() -> None:

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from qwen2vl_jax import Qwen2VL, prepare_inputs
 from reference import reference
-from sharding.mesh import make_mesh, parse_axes, resolve_axes
+from sharding.mesh import device_grid, make_mesh, parse_axes, resolve_axes
 from sharding.rules import axis_rules, batch_shardings, param_shardings
 from test_model import make_batch
 from training.step import (IGNORE, init_state, jit_train_step, loss_fn, make_optimizer, state_shardings,
@@ -40,6 +40,25 @@ def test_mesh_axes_parse_fill_and_refuse():
                          ("fsdp=-1,tensor=-1", "at most one"), ("fsdp:2", "axis=size")):
         with pytest.raises(ValueError, match=message):
             make_mesh(bad)
+
+
+def test_multi_slice_grid_keeps_slices_on_the_dcn_axis():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class FakeTpu:  # the attributes mesh_utils reads
+        id: int
+        slice_index: int
+        process_index: int = 0
+        platform: str = "cpu"
+        device_kind: str = "cpu"
+
+    devices = [FakeTpu(i, slice_index=i // 4) for i in range(8)]
+    grid = device_grid((1, 2, 2, 1), (2, 1, 1, 1), devices)  # data across 2 slices, fsdp × tensor inside
+    assert grid.shape == (2, 2, 2, 1)
+    assert [{d.slice_index for d in grid[k].ravel()} for k in range(2)] == [{0}, {1}]
+    with pytest.raises(ValueError, match="Number of slices 1 must equal"):  # CPU: processes (here one) are slices
+        make_mesh("fsdp=2,tensor=2", dcn="data=2")
 
 
 @pytest.mark.parametrize("scan", [False, True])
