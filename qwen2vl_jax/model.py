@@ -66,8 +66,12 @@ class Qwen2VL(nn.Module):
         if features is None:
             return embeds
         index = jnp.asarray(splice_index)
-        gathered = jnp.take(features.astype(embeds.dtype), jnp.maximum(index, 0), axis=0)
-        return jnp.where((index >= 0)[..., None], gathered, embeds)
+        # every sample may take rows from any device's share of the packed features: replicate them first (small:
+        # merged rows × hidden), so the gather lands directly in the batch sharding of the embeddings
+        features = nn.with_logical_constraint(features.astype(embeds.dtype), (None, None))
+        gathered = jnp.take(features, jnp.maximum(index, 0), axis=0)
+        return nn.with_logical_constraint(jnp.where((index >= 0)[..., None], gathered, embeds),
+                                          ("batch", "length", "embed"))
 
     def decode(self, input_ids, attention_mask, position_ids, features=None, splice_index=None):
         """input_ids, attention_mask: int[B, L]; position_ids: int[3, B, L] → logits float32[B, L, V]."""

@@ -29,9 +29,13 @@ class TrainState:
 
 def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, total_steps: int = 1000,
                    weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.95, clip_norm: float = 1.0):
-    """AdamW with linear warmup then cosine decay to 0, after global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(warmup_steps, 1),
-                                                  max(total_steps, warmup_steps + 1))
+    """AdamW with linear warmup (step 0 already moves: lr/warmup_steps) then cosine decay to 0 at total_steps,
+    after global-norm clipping."""
+    if warmup_steps:
+        schedule = optax.warmup_cosine_decay_schedule(learning_rate / warmup_steps, learning_rate, warmup_steps,
+                                                      max(total_steps, warmup_steps + 1))
+    else:
+        schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
     return optax.chain(optax.clip_by_global_norm(clip_norm),
                        optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
 
