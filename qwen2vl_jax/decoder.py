@@ -15,18 +15,31 @@ class SelfAttention(nn.Module):
     config: Qwen2VLConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
-        """x: [B, L, D]; cos, sin: float32[B, L, hd]; segment_ids: int32[B, L] (0 = padding) → [B, L, D]."""
+    def __call__(self, x, cos, sin, mask, cache=None):
+        """x: [B, L, D]; cos, sin: float32[B, L, hd].
+
+        Full pass (cache None): mask = segment_ids int32[B, L] (0 = padding), causal attention over the L tokens;
+        returns (out [B, L, D], (k, v) [B, L, Hkv, hd]) — the keys/values a generation cache starts from.
+        Cached step: cache = (k, v) [B, C, Hkv, hd], mask = {"index": int32[] where the L new tokens go,
+        "kv_valid": int32[B, C] (1 = a key the new tokens may see, their own slots included)};
+        returns (out, the cache with the new keys/values written)."""
         t, dt, pdt = self.config.text, self.config.dtype, self.config.param_dtype
         proj = lambda heads, axis, name: Linear((heads, t.head_dim), ("embed", axis, "head_dim"), dtype=dt,
                                                 param_dtype=pdt, name=name)(x)
         q = apply_rotary(proj(t.num_attention_heads, "heads", "q_proj"), cos, sin)
         k = apply_rotary(proj(t.num_key_value_heads, "kv_heads", "k_proj"), cos, sin)
         v = proj(t.num_key_value_heads, "kv_heads", "v_proj")
-        out = dot_product_attention(q, k, v, segment_ids=segment_ids, causal=True,
-                                    implementation=self.config.attention)
-        return Linear((t.hidden_size,), ("heads", "head_dim", "embed"), in_ndim=2, use_bias=False, dtype=dt,
-                      param_dtype=pdt, name="o_proj")(out)
+        if cache is None:
+            out = dot_product_attention(q, k, v, segment_ids=mask, causal=True, implementation=self.config.attention)
+            kv = (k, v)
+        else:
+            at = (0, mask["index"], 0, 0)
+            kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), at) for c, new in zip(cache, (k, v)))
+            out = dot_product_attention(q, *kv, segment_ids=jnp.ones(q.shape[:2], jnp.int32),
+                                        kv_segment_ids=mask["kv_valid"], implementation="xla_dense")
+        out = Linear((t.hidden_size,), ("heads", "head_dim", "embed"), in_ndim=2, use_bias=False, dtype=dt,
+                     param_dtype=pdt, name="o_proj")(out)
+        return out, kv
 
 
 class MLP(nn.Module):
@@ -42,28 +55,34 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block. Signature fits nn.scan: (carry, *broadcast) → (carry, None)."""
+    """Pre-norm residual block. Signature fits nn.scan: (carry, *broadcast, cache) → (carry, kv or None).
+    keep_kv: return the attention's keys/values (generation); otherwise None, so training stacks nothing."""
     config: Qwen2VLConfig
+    keep_kv: bool = False
 
     @nn.compact
-    def __call__(self, x, cos, sin, segment_ids):
+    def __call__(self, x, cos, sin, mask, cache=None):
         t, dt, pdt = self.config.text, self.config.dtype, self.config.param_dtype
         h = RMSNorm(t.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
-        x = x + SelfAttention(self.config, name="self_attn")(h, cos, sin, segment_ids)
+        attended, kv = SelfAttention(self.config, name="self_attn")(h, cos, sin, mask, cache)
+        x = x + attended
         h = RMSNorm(t.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
         x = x + MLP(self.config, name="mlp")(h)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), kv if self.keep_kv else None
 
 
 class TextModel(nn.Module):
-    """Token embedding, decoder layers, final norm and LM head."""
+    """Token embedding, decoder layers, final norm and LM head. keep_kv: layers also return keys/values and
+    accept a cache (generation)."""
     config: Qwen2VLConfig
+    keep_kv: bool = False
 
     def setup(self):
         t, pdt = self.config.text, self.config.param_dtype
         self.embed_tokens = param_with_axes(self, "embed_tokens", nn.initializers.normal(0.02),
                                             (t.vocab_size, t.hidden_size), pdt, ("vocab", "embed"))
-        self.layers = layer_stack(DecoderLayer, self.config, t.num_hidden_layers)
+        self.layers = layer_stack(DecoderLayer, self.config, t.num_hidden_layers, scanned_args=int(self.keep_kv),
+                                  keep_kv=self.keep_kv)
         self.norm = RMSNorm(t.rms_norm_eps, self.config.dtype, pdt)
         if not t.tie_word_embeddings:
             self.lm_head = Linear((t.vocab_size,), ("embed", "vocab"), use_bias=False, dtype=self.config.dtype,
@@ -75,12 +94,21 @@ class TextModel(nn.Module):
 
     def __call__(self, inputs_embeds, position_ids, segment_ids):
         """inputs_embeds: [B, L, D]; position_ids: int[3, B, L]; segment_ids: int32[B, L] → logits float32[B, L, V]."""
+        return self.head(self.hidden(inputs_embeds, position_ids, segment_ids)[0])
+
+    def hidden(self, inputs_embeds, position_ids, mask, cache=None):
+        """The final-normed hidden states [B, L, D] and, with keep_kv, the layers' keys/values
+        ([layers, B, L or C, Hkv, hd] each; see SelfAttention for `mask` and `cache`)."""
         t = self.config.text
         cos, sin = mrope(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
         x = nn.with_logical_constraint(inputs_embeds, ("batch", "length", "embed"))
-        x = run_stack(self.layers, self.config, x, cos, sin, segment_ids)
-        x = self.norm(x)
-        if t.tie_word_embeddings:
+        scanned = (cache,) if self.keep_kv else ()
+        x, kv = run_stack(self.layers, self.config, x, cos, sin, mask, scanned=scanned)
+        return self.norm(x), kv
+
+    def head(self, x):
+        """[B, L, D] → logits float32[B, L, V]."""
+        if self.config.text.tie_word_embeddings:
             logits = jnp.einsum("bld,vd->blv", x, self.embed_tokens.astype(self.config.dtype))
         else:
             logits = self.lm_head(x)

@@ -10,9 +10,11 @@ import jax.numpy as jnp
 Axes = Sequence[str | None]
 
 
-def layer_stack(layer: type[nn.Module], config, count: int, name: str | None = None, **kwargs):
+def layer_stack(layer: type[nn.Module], config, count: int, name: str | None = None, scanned_args: int = 0,
+                **kwargs):
     """`count` layers of type `layer` with the config's remat policy: one nn.scan over stacked params
-    (`scan_layers`) or a list named `{name}_{i}`. Layers take (x, *broadcast) and return (x, None)."""
+    (`scan_layers`) or a list named `{name}_{i}`. Layers take (x, 3 broadcast args, `scanned_args` per-layer args)
+    and return (x, per-layer output or None)."""
     policies = {"full": jax.checkpoint_policies.nothing_saveable,
                 "dots": jax.checkpoint_policies.checkpoint_dots,
                 "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -20,18 +22,23 @@ def layer_stack(layer: type[nn.Module], config, count: int, name: str | None = N
         layer = nn.remat(layer, policy=policies[config.remat], prevent_cse=not config.scan_layers)
     if config.scan_layers:
         return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=count,
+                       in_axes=(nn.broadcast,) * 3 + (0,) * scanned_args, length=count,
                        metadata_params={nn.PARTITION_NAME: "layers"})(config, name=name, **kwargs)
     return [layer(config, name=None if name is None else f"{name}_{i}", **kwargs) for i in range(count)]
 
 
-def run_stack(stack, config, x, *broadcast):
-    """Apply what `layer_stack` built: x → x."""
+def run_stack(stack, config, x, *broadcast, scanned: tuple = ()):
+    """Apply what `layer_stack` built → (x, the layers' outputs stacked on a leading layer axis, or None).
+    `scanned`: per-layer arguments with a leading layer axis (None passes through as None)."""
     if config.scan_layers:
-        return stack(x, *broadcast)[0]
-    for layer in stack:
-        x, _ = layer(x, *broadcast)
-    return x
+        return stack(x, *broadcast, *scanned)
+    outputs = []
+    for i, layer in enumerate(stack):
+        x, out = layer(x, *broadcast, *(jax.tree_util.tree_map(lambda a: a[i], arg) for arg in scanned))
+        outputs.append(out)
+    if outputs[0] is None:
+        return x, None
+    return x, jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *outputs)
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: Axes):

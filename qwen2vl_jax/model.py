@@ -19,10 +19,11 @@ class Qwen2VL(nn.Module):
     That entry point prepares the data-dependent layout on the host, so its grids must be concrete. Under jit,
     call `qwen2vl_jax.prepare_inputs` outside and use the static-shape methods `encode_vision` and `decode`."""
     config: Qwen2VLConfig
+    decoding: bool = False  # generation: the decoder keeps keys/values (`prefill`, `decode_step`)
 
     def setup(self):
         self.visual = VisionTransformer(self.config)
-        self.language_model = TextModel(self.config)
+        self.language_model = TextModel(self.config, keep_kv=self.decoding)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  pixel_values_videos=None, video_grid_thw=None):
@@ -72,6 +73,22 @@ class Qwen2VL(nn.Module):
         gathered = jnp.take(features, jnp.maximum(index, 0), axis=0)
         return nn.with_logical_constraint(jnp.where((index >= 0)[..., None], gathered, embeds),
                                           ("batch", "length", "embed"))
+
+    def prefill(self, input_ids, attention_mask, position_ids, features=None, splice_index=None):
+        """Generation's first pass (needs `decoding=True`): as `decode`, but → (logits float32[B, V] at the last
+        position, (k, v) [layers, B, L, Hkv, hd]) — prompts are left padded, so the last position is real."""
+        embeds = self.embed(input_ids, features, splice_index)
+        x, kv = self.language_model.hidden(embeds, position_ids, jnp.asarray(attention_mask, jnp.int32))
+        return self.language_model.head(x[:, -1:])[:, 0], kv
+
+    def decode_step(self, input_ids, position_ids, cache, index, kv_valid):
+        """One cached step (needs `decoding=True`). input_ids: int[B, T] new tokens; position_ids: int[3, B, T];
+        cache: (k, v) [layers, B, C, Hkv, hd]; index: int32[] slot of the first new token; kv_valid: int32[B, C]
+        keys the new tokens may see. → (logits float32[B, T, V], updated cache)."""
+        embeds = self.language_model.embed(input_ids)
+        mask = {"index": index, "kv_valid": kv_valid}
+        x, cache = self.language_model.hidden(embeds, position_ids, mask, cache)
+        return self.language_model.head(x), cache
 
     def decode(self, input_ids, attention_mask, position_ids, features=None, splice_index=None):
         """input_ids, attention_mask: int[B, L]; position_ids: int[3, B, L] → logits float32[B, L, V]."""

@@ -82,7 +82,7 @@ class VisionTransformer(nn.Module):
                    name="patch_embed")(pixel_values)
         cos, sin = vision_rope(pos_hw, v.head_dim)
         x = nn.with_logical_constraint(x, ("patches", "embed"))
-        x = run_stack(layer_stack(VisionBlock, self.config, v.depth, name="blocks"), self.config, x, cos, sin,
-                      segment_ids)
+        x, _ = run_stack(layer_stack(VisionBlock, self.config, v.depth, name="blocks"), self.config, x, cos, sin,
+                         segment_ids)
         merged = PatchMerger(self.config, name="merger")(x)
         return (merged, x) if return_hidden else merged
