@@ -11,7 +11,7 @@ _LAZY = {
     "prepare_inputs": "qwen2vl_jax.inputs",
     "get_rope_index": "qwen2vl_jax.rope",
     "load": "qwen2vl_jax.checkpoint.load",
-    "generate": "qwen2vl_jax.generate",
+    "generate": "qwen2vl_jax.generation",
 }
 
 __all__ = ["Qwen2VLConfig", "TextConfig", "VisionConfig", *_LAZY]
