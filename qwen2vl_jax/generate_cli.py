@@ -1,0 +1,80 @@
+"""`qwen2vl-generate`: answer one prompt about an image and/or a video with a checkpoint folder.
+
+    qwen2vl-generate --checkpoint qwen2vl-2b/ --image cat.jpg --prompt "What is in the picture?"
+
+The folder is one written by qwen2vl-convert (or a Hugging Face folder): weights, config.json, tokenizer.json and
+preprocessor_config.json. --video takes a folder of frame images (already sampled, in name order) or a .npy array
+uint8[T, H, W, 3]; decode video files to frames first (e.g. `ffmpeg -i clip.mp4 -vf fps=2 frames/%04d.jpg`)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def load_video_frames(path: str) -> np.ndarray:
+    """uint8[T, H, W, 3] from a folder of frames or a .npy file; ValueError naming the path otherwise."""
+    from qwen2vl_jax.processing.loading import load_image
+
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+        if not names:
+            raise ValueError(f"--video {path}: the folder holds no frames")
+        return np.stack([np.asarray(load_image(os.path.join(path, n))) for n in names])
+    if path.endswith(".npy"):
+        frames = np.load(path)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"--video {path}: expected uint8[T, H, W, 3], got {frames.dtype}{list(frames.shape)}")
+        return frames
+    raise ValueError(f"--video {path}: give a folder of frame images or a .npy array; decode video files to frames "
+                     "first (ffmpeg -i clip.mp4 -vf fps=2 frames/%04d.jpg)")
+
+
+def answer(checkpoint: str, prompt: str, image: str | None = None, video: str | None = None, *,
+           max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, seed: int = 0, dtype: str | None = None) -> str:
+    """The model's answer (special tokens removed)."""
+    import qwen2vl_jax
+    from qwen2vl_jax.processing import Processor
+
+    processor = Processor.from_pretrained(checkpoint)
+    config, params = qwen2vl_jax.load(checkpoint, dtype=dtype)
+    content = ([{"type": "image"}] if image else []) + ([{"type": "video"}] if video else [])
+    messages = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
+    batch = processor(messages, images=[image] if image else None,
+                      videos=[load_video_frames(video)] if video else None)
+    tokens = qwen2vl_jax.generate(config, params, batch, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed,
+                                  eos_token_ids=processor.tokenizer.eos_token_ids)
+    return processor.decode(tokens[0])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="qwen2vl-generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="folder from qwen2vl-convert, or a Hugging Face folder")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--image", help="image file")
+    parser.add_argument("--video", help="folder of frames or .npy uint8[T, H, W, 3]")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", help="cast the weights, e.g. float32 (fastest on CPUs) or bfloat16")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        text = answer(args.checkpoint, args.prompt, args.image, args.video, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      dtype=args.dtype)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"qwen2vl-generate: {error}")
+    print(text)
+    print(f"[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
