@@ -148,3 +148,16 @@ def test_ladders_pick_the_smallest_rung_and_count_padding():
     stats.add(shapes, tokens=900, vision_rows=2000, cache_used=1000)
     waste = stats.waste()
     assert waste["tokens"] == pytest.approx(1 - 900 / 4096) and waste["vision_rows"] == pytest.approx(1 - 2000 / 4096)
+
+
+def test_generate_with_params_loaded_onto_a_mesh(tmp_path):
+    from sharding.mesh import make_mesh
+
+    cfg, model, params = reference("untied", 1)
+    model.save_pretrained(tmp_path)
+    batch = _batch(cfg, [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)])
+    expected = qwen2vl_jax.generate(cfg, params, batch, max_new_tokens=NEW, eos_token_ids=[])
+    config, sharded = qwen2vl_jax.load(tmp_path, mesh=make_mesh("fsdp=4,tensor=2"))
+    assert len(sharded["language_model"]["embed_tokens"].sharding.device_set) == 8
+    np.testing.assert_array_equal(qwen2vl_jax.generate(config, sharded, batch, max_new_tokens=NEW,
+                                                       eos_token_ids=[]), expected)
