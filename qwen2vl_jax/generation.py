@@ -143,3 +143,59 @@ def generate(config: Qwen2VLConfig, params, batch: dict, *, max_new_tokens: int,
     STATS.add(shapes, tokens=int(attention_mask.sum()), vision_rows=rows,
               cache_used=int(attention_mask.sum()) + len(input_ids) * max_new_tokens)
     return out[:len(input_ids)]
+
+
+def collate(requests: Sequence[dict], pad_token_id: int) -> dict:
+    """Single requests (HF-named arrays, batch 1 each, as the processor returns) → one left-padded batch, pixels
+    concatenated in request order."""
+    rows = [np.asarray(r["input_ids"])[0][np.asarray(r.get("attention_mask", np.ones_like(r["input_ids"])))[0] > 0]
+            for r in requests]
+    length = max(len(row) for row in rows)
+    ids = np.full((len(rows), length), pad_token_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):], mask[i, length - len(row):] = row, 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        parts = [r for r in requests if r.get(pixels) is not None]
+        if parts:
+            out[pixels] = np.concatenate([np.asarray(r[pixels]) for r in parts])
+            out[grid] = np.concatenate([np.asarray(r[grid]).reshape(-1, 3) for r in parts])
+    return out
+
+
+def check_request(config: Qwen2VLConfig, request: dict, max_new_tokens: int, ladders: Ladders = Ladders()) -> None:
+    """ValueError naming what is wrong with one request (placeholders vs pixels, grids, bucket limits), without
+    running the model."""
+    ids = np.asarray(request["input_ids"])
+    if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+        raise ValueError(f"a request is one prompt: input_ids int[1, length ≥ 1], got shape {ids.shape}")
+    image_pixels, video_pixels = request.get("pixel_values"), request.get("pixel_values_videos")
+    prepare_inputs(config, ids, request.get("attention_mask"), request.get("image_grid_thw"),
+                   request.get("video_grid_thw"),
+                   image_rows=None if image_pixels is None else len(image_pixels),
+                   video_rows=None if video_pixels is None else len(video_pixels))
+    rows = sum(len(p) for p in (image_pixels, video_pixels) if p is not None)
+    shapes_for(ladders, 1, ids.shape[1], rows, max_new_tokens)
+
+
+def generate_many(config: Qwen2VLConfig, params, requests: Sequence[dict], *, batch_size: int = 8,
+                  max_new_tokens: int, **options) -> list[np.ndarray | ValueError]:
+    """Generate for many single requests, `batch_size` at a time; a request that cannot run gets its ValueError in
+    its place and the others run as if it were absent. → per request: int32[max_new_tokens] tokens or the error.
+    `options`: those of `generate` (temperature, top_k, top_p, seed, eos_token_ids, ladders)."""
+    results: list = [None] * len(requests)
+    good = []
+    for i, request in enumerate(requests):
+        try:
+            check_request(config, request, max_new_tokens, options.get("ladders", Ladders()))
+            good.append(i)
+        except ValueError as error:
+            results[i] = error
+    for start in range(0, len(good), batch_size):
+        chunk = good[start:start + batch_size]
+        tokens = generate(config, params, collate([requests[i] for i in chunk], config.pad_token_id),
+                          max_new_tokens=max_new_tokens, **options)
+        for i, row in zip(chunk, tokens):
+            results[i] = row
+    return results

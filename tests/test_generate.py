@@ -1,6 +1,7 @@
 """Generation: greedy tokens equal transformers' generate, batching changes nothing, sampling is seeded, bucketed
 shapes keep compilations few, and bad requests are named."""
 import functools
+import re
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torch
 import qwen2vl_jax
 from qwen2vl_jax.buckets import Ladders, PaddingStats, rung, shapes_for
 from qwen2vl_jax.compiles import CompileCounter
-from qwen2vl_jax.generation import STATS
+from qwen2vl_jax.generation import STATS, collate, generate_many
 from qwen2vl_jax.processing import smart_resize
 from reference import left_pad, mm_token_type_ids, pixels, prompt, reference
 
@@ -33,7 +34,7 @@ def _request(cfg, pieces, seed):
 
 
 def _batch(cfg, requests):
-    """Requests → one left-padded batch (pixels concatenated in order, as the processor does)."""
+    """Requests → one left-padded batch, written out here (the test of `collate` compares the two)."""
     ids, mask = left_pad([r["input_ids"][0].tolist() for r in requests], cfg.pad_token_id)
     out = {"input_ids": ids, "attention_mask": mask}
     for px, key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
@@ -123,19 +124,31 @@ def test_fifty_random_requests_compile_few_programs():
 
 
 def test_bad_requests_are_named_and_leave_others_alone():
-    cfg, _, params = reference("tied")
-    good = _request(cfg, REQUESTS[0], 0)
-    expected = qwen2vl_jax.generate(cfg, params, good, max_new_tokens=4, eos_token_ids=[])
-    no_image = {k: v for k, v in good.items() if k not in ("pixel_values", "image_grid_thw")}
-    with pytest.raises(ValueError, match="image placeholder tokens"):
-        qwen2vl_jax.generate(cfg, params, no_image, max_new_tokens=4)
+    cfg, _, params = reference("untied", 1)
+    good = [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)]
+    alone = [qwen2vl_jax.generate(cfg, params, r, max_new_tokens=4, eos_token_ids=[])[0] for r in good[:3]]
+    no_image = {k: v for k, v in good[1].items() if k not in ("pixel_values", "image_grid_thw")}
     long = {"input_ids": np.full((1, 20000), 7), "attention_mask": np.ones((1, 20000), np.int64)}
-    with pytest.raises(ValueError, match="prompt length .* 20000 exceeds the largest bucket 16384"):
-        qwen2vl_jax.generate(cfg, params, long, max_new_tokens=4)
+    results = generate_many(cfg, params, [good[0], no_image, good[1], long, good[2]], batch_size=4,
+                            max_new_tokens=4, eos_token_ids=[])
+    assert isinstance(results[1], ValueError) and "image placeholder tokens" in str(results[1])
+    assert isinstance(results[3], ValueError) and re.search("prompt length .* 20000 exceeds the largest bucket 16384",
+                                                            str(results[3]))
+    for got, want in zip((results[0], results[2], results[4]), alone):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="image placeholder tokens"):  # the batch function names it too
+        qwen2vl_jax.generate(cfg, params, no_image, max_new_tokens=4)
     with pytest.raises(ValueError, match="max_new_tokens must be"):
-        qwen2vl_jax.generate(cfg, params, good, max_new_tokens=0)
-    np.testing.assert_array_equal(qwen2vl_jax.generate(cfg, params, good, max_new_tokens=4, eos_token_ids=[]),
-                                  expected)
+        qwen2vl_jax.generate(cfg, params, good[0], max_new_tokens=0)
+
+
+def test_collate_equals_the_processor_layout():
+    cfg = reference("untied", 1)[0]
+    requests = [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)]
+    collated, expected = collate(requests, cfg.pad_token_id), _batch(cfg, requests)
+    assert collated.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_array_equal(collated[key], expected[key], err_msg=key)
 
 
 def test_ladders_pick_the_smallest_rung_and_count_padding():
