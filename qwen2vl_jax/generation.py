@@ -32,17 +32,19 @@ STATS = PaddingStats()  # padding of every generate call in this process
 
 def sample(logits, key, temperature, top_k, top_p):
     """logits float32[B, V] → int32[B]. temperature 0: argmax; else softmax(logits / temperature) restricted to
-    the top_k largest (0: all) and to the smallest set whose probability reaches top_p (1: all)."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, logits.shape[-1]), logits.shape[-1])
-    kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
-    probs = jax.nn.softmax(jnp.where(ordered >= kth, ordered, -jnp.inf), axis=-1)
-    keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # the first token is always kept
-    cutoff = jnp.min(jnp.where(keep & (ordered >= kth), ordered, jnp.inf), axis=-1, keepdims=True)
-    sampled = jax.random.categorical(key, jnp.where(scaled >= cutoff, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+    the top_k largest (0: all) and to the smallest set whose probability reaches top_p (1: all). The sort the
+    filters need runs only when sampling (lax.cond), so greedy decoding does not pay for it."""
+    def filtered():
+        scaled = logits / temperature
+        ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, logits.shape[-1]), logits.shape[-1])
+        kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, (logits.shape[0], 1)), axis=-1)
+        probs = jax.nn.softmax(jnp.where(ordered >= kth, ordered, -jnp.inf), axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # the first token is always kept
+        cutoff = jnp.min(jnp.where(keep & (ordered >= kth), ordered, jnp.inf), axis=-1, keepdims=True)
+        return jax.random.categorical(key, jnp.where(scaled >= cutoff, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, filtered, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 @functools.lru_cache(maxsize=16)
