@@ -97,8 +97,9 @@ class TextModel(nn.Module):
         return self.head(self.hidden(inputs_embeds, position_ids, segment_ids)[0])
 
     def hidden(self, inputs_embeds, position_ids, mask, cache=None):
-        """The final-normed hidden states [B, L, D] and, with keep_kv, the layers' keys/values
-        ([layers, B, L or C, Hkv, hd] each; see SelfAttention for `mask` and `cache`)."""
+        """The final-normed hidden states [B, L, D] and, with keep_kv, the layers' keys/values (stacked
+        [layers, B, L or C, Hkv, hd] with scan_layers, else a list of per-layer pairs; see SelfAttention for `mask`
+        and `cache`)."""
         t = self.config.text
         cos, sin = mrope(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
         x = nn.with_logical_constraint(inputs_embeds, ("batch", "length", "embed"))

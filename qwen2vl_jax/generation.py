@@ -59,10 +59,11 @@ def programs(config: Qwen2VLConfig):
     @functools.partial(jax.jit, static_argnames="cache_length")
     def prefill(params, input_ids, attention_mask, position_ids, features, splice_index, sampling, key, *,
                 cache_length):
-        logits, (k, v) = model.apply({"params": params}, input_ids, attention_mask, position_ids, features,
-                                     splice_index, method=Qwen2VL.prefill)
-        pad = [(0, 0), (0, 0), (0, cache_length - k.shape[2]), (0, 0), (0, 0)]
-        return sample(logits, key, *sampling), (jnp.pad(k, pad), jnp.pad(v, pad))
+        logits, kv = model.apply({"params": params}, input_ids, attention_mask, position_ids, features,
+                                 splice_index, method=Qwen2VL.prefill)
+        # keys/values [..., L, Hkv, hd] (stacked over layers, or one pair per layer) → cache_length slots
+        grow = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 3) + [(0, cache_length - a.shape[-3]), (0, 0), (0, 0)])
+        return sample(logits, key, *sampling), jax.tree_util.tree_map(grow, kv)
 
     @functools.partial(jax.jit, donate_argnames="cache")
     def decode(params, tokens, position_ids, cache, index, kv_valid, sampling, key):

@@ -28,17 +28,17 @@ def layer_stack(layer: type[nn.Module], config, count: int, name: str | None = N
 
 
 def run_stack(stack, config, x, *broadcast, scanned: tuple = ()):
-    """Apply what `layer_stack` built → (x, the layers' outputs stacked on a leading layer axis, or None).
-    `scanned`: per-layer arguments with a leading layer axis (None passes through as None)."""
+    """Apply what `layer_stack` built → (x, the layers' outputs or None). `scanned`: per-layer arguments — arrays
+    with a leading layer axis under nn.scan, lists indexed by layer when unrolled (None passes through); the
+    outputs come back the same way (stacked, or a list: no copy into one array per call, which matters for a KV
+    cache updated every decode step)."""
     if config.scan_layers:
         return stack(x, *broadcast, *scanned)
     outputs = []
     for i, layer in enumerate(stack):
-        x, out = layer(x, *broadcast, *(jax.tree_util.tree_map(lambda a: a[i], arg) for arg in scanned))
+        x, out = layer(x, *broadcast, *(None if arg is None else arg[i] for arg in scanned))
         outputs.append(out)
-    if outputs[0] is None:
-        return x, None
-    return x, jax.tree_util.tree_map(lambda *layers: jnp.stack(layers), *outputs)
+    return x, None if outputs[0] is None else outputs
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: Axes):

@@ -76,14 +76,15 @@ class Qwen2VL(nn.Module):
 
     def prefill(self, input_ids, attention_mask, position_ids, features=None, splice_index=None):
         """Generation's first pass (needs `decoding=True`): as `decode`, but → (logits float32[B, V] at the last
-        position, (k, v) [layers, B, L, Hkv, hd]) — prompts are left padded, so the last position is real."""
+        position, keys/values: (k, v) [layers, B, L, Hkv, hd] with scan_layers, else a list of per-layer
+        (k, v) [B, L, Hkv, hd]) — prompts are left padded, so the last position is real."""
         embeds = self.embed(input_ids, features, splice_index)
         x, kv = self.language_model.hidden(embeds, position_ids, jnp.asarray(attention_mask, jnp.int32))
         return self.language_model.head(x[:, -1:])[:, 0], kv
 
     def decode_step(self, input_ids, position_ids, cache, index, kv_valid):
         """One cached step (needs `decoding=True`). input_ids: int[B, T] new tokens; position_ids: int[3, B, T];
-        cache: (k, v) [layers, B, C, Hkv, hd]; index: int32[] slot of the first new token; kv_valid: int32[B, C]
+        cache: as `prefill` returns it, with C slots; index: int32[] slot of the first new token; kv_valid: int32[B, C]
         keys the new tokens may see. → (logits float32[B, T, V], updated cache)."""
         embeds = self.language_model.embed(input_ids)
         mask = {"index": index, "kv_valid": kv_valid}

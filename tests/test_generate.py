@@ -69,6 +69,11 @@ def test_batched_greedy_equals_transformers_per_sample(name, seed):
         np.testing.assert_array_equal(ours[i], _transformers_greedy(name, seed, i), err_msg=f"request {i}")
     if name == "untied":
         assert sorted(len(set(row)) for row in ours) == [3, 4, 8, 8, 10]
+        from qwen2vl_jax.checkpoint.mapping import stack_layers  # the scanned layout keeps a stacked cache
+
+        scanned = qwen2vl_jax.generate(cfg.replace(scan_layers=True), stack_layers(params, cfg),
+                                       _batch(cfg, requests), max_new_tokens=NEW, eos_token_ids=[])
+        np.testing.assert_array_equal(scanned, ours)
     alone = qwen2vl_jax.generate(cfg, params, requests[2], max_new_tokens=NEW, eos_token_ids=[])
     np.testing.assert_array_equal(alone[0], ours[2])
 
