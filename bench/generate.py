@@ -16,8 +16,8 @@ with 32 random text tokens (L = 290), batch 1 and batch 8 (8 different random im
 - ours, end to end: `qwen2vl_jax.generate(..., max_new_tokens=1)` and `(..., 64)` once each (float32 batch 1):
   decode tok/s = 63 / (t64 − t1), a cross-check of the breakdown above, and the greedy tokens of the public API.
 - ours, bench-local greedy decode: the same `Qwen2VL.decode_step` followed by a plain argmax instead of
-  `generation.sample` (which sorts the whole vocabulary for every row at every step, even at temperature 0), to
-  measure what the sampler costs inside decode.
+  `generation.sample`, to measure what the sampler costs inside decode (a full-vocabulary sort per row per step
+  cost 40 ms per row before `sample` skipped it for greedy decoding).
 - transformers: `Qwen2VLForConditionalGeneration.generate` (sdpa, eval, no_grad, do_sample=False,
   eos_token_id=None, min_new_tokens = max_new_tokens) with a StoppingCriteria that timestamps every new token:
   prefill latency = call start → first token; decode tok/s = B · 63 / (last − first token). Float32 batch 1 also
@@ -29,12 +29,15 @@ with 32 random text tokens (L = 290), batch 1 and batch 8 (8 different random im
   decode roofline tok/s = B · bandwidth / (LLM weight bytes read per step: decoder layers + final norm + the tied
   embedding matrix the head reads, in the dtype stored). The best float32 bandwidth is the roofline's. Also the
   XLA bfloat16 matrix-vector rate (bf16 kernel, and bf16 kernel cast to float32 in the jit) and the float32 matmul
-  peak (compute roofline for batch 8: 2 · B · params FLOP per step).
+  peak (compute roofline for batch 8: 2 · B · params FLOP per step). `decode_parts`: pieces of one float32 decode
+  step alone (no weights needed): the MLP matmul [B, 1, 1536] @ [1536, 8960] at B = 1, 8, 16, and dense attention
+  over all layers' KV caches for several batch × cache sizes (alone, and with the cache update).
 - Correctness: our greedy tokens vs transformers' (float32; batch 1, and every row of batch 8); our batch-8 row 0
   vs our batch-1 tokens.
 
 Every timing records `cpu_use` = process CPU s / wall s (≈ 2 when uncontended; another process competing for the
-2 cores lowers it and inflates the time by about 2 / cpu_use) and the 1-minute load average.
+2 cores lowers it and inflates the time by about 2 / cpu_use) and the 1-minute load average. `code` in the JSON
+holds the sha256 of every qwen2vl_jax source file as imported.
 
 Memory: at most two float32 copies of the weights (torch + ours ≈ 17.6 GB) during the float32 phase; then the torch
 model is cast to bfloat16 in place, measured and freed; then ours is cast one tensor at a time.
@@ -372,7 +375,8 @@ def ours_generate_timed(cfg, params, inputs, new_tokens, ladders, decode_budget_
                   decode_steps=len(steps), decode_s=sum(steps), decode_tok_s=batch * len(steps) / sum(steps)
                   if steps else None, step_ms_median=statistics.median(steps) * 1e3 if steps else None,
                   step_ms_first=steps[0] * 1e3 if steps else None, decode_cpu_use=decode_cpu,
-                  loadavg_1m=os.getloadavg()[0], compiles_during_timing=compiles.count(), compiled_names=dict(compiles.names),
+                  loadavg_1m=os.getloadavg()[0], compiles_during_timing=compiles.count(),
+                  compiled_names=dict(compiles.names),
                   shapes=dict(batch=s.batch, length=s.length, cache=s.cache, vision_rows=s.vision_rows),
                   real_batch=batch)
     state = dict(cache=cache, token=token, kv_valid=kv_valid, next_position=next_position, shapes=s)
@@ -428,8 +432,8 @@ def zero_cache_decode_timed(cfg, params, structure, batch, length, cache_len, st
         cpu = use(c0, t0)
     del cache
     return dict(decode_steps=steps_n, decode_s=sum(steps), step_ms_median=statistics.median(steps) * 1e3,
-                decode_cpu_use=cpu, loadavg_1m=os.getloadavg()[0], compiles_during_timing=compiles.count(), compiled_names=dict(compiles.names),
-                shapes=dict(batch=batch, cache=cache_len))
+                decode_cpu_use=cpu, loadavg_1m=os.getloadavg()[0], compiles_during_timing=compiles.count(),
+                compiled_names=dict(compiles.names), shapes=dict(batch=batch, cache=cache_len))
 
 
 def ours_e2e(cfg, params, inputs, new_tokens, ladders):
@@ -834,8 +838,9 @@ def summarize(results, batches):
 def print_table(results):
     f = lambda x, w=8, p=2: f"{x:{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}s}"
     r = results["machine_rates"]
-    print(f"\nQwen2-VL {results['preset']} generate: 448x448 image + 32 text tokens (L={results['input']['prompt_length']}"
-          f"), {results['input']['new_tokens']} new tokens greedy, CPU {results['settings']['threads']} threads")
+    print(f"\nQwen2-VL {results['preset']} generate: 448x448 image + 32 text tokens "
+          f"(L={results['input']['prompt_length']}), {results['input']['new_tokens']} new tokens greedy, CPU "
+          f"{results['settings']['threads']} threads")
     print("bandwidth GB/s: " + ", ".join(f"{k} {v['gb_s']:.2f}" for k, v in r.items() if isinstance(v, dict))
           + f"; roofline uses {r['roofline_gb_s']:.2f}; fp32 matmul peak {r['peak_gflop_s']:.0f} GFLOP/s")
     print(f"{'ours':24s} {'B':>2s} {'torch pre s':>11s} {'ours pre s':>10s} {'x':>5s} {'torch tok/s':>11s} "
