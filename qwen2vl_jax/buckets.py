@@ -5,7 +5,7 @@ compiled per `vision_rows` rung, the prefill per (batch, length, cache) rung and
 rung, so compile counts add across ladders instead of multiplying. The cache rung follows from the length rung and
 max_new_tokens, and the cache ladder is coarser than the length ladder, so few decode programs serve many prefills.
 
-Default rungs grow ×4: at most 75 % of a padded axis is waste, and `tests/test_generate.py` shows 50
+Default rungs grow ×4 (batch: 1, 4, then ×2, so a batch of 8 runs as 8): at most 75 % of a padded axis is waste, and `tests/test_generate.py` shows 50
 random requests (28–1500 px images, aspect up to 1:8) compile ≤ 4 vision, ≤ 4 prefill and ≤ 2 decode programs."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Ladders:
-    batch: tuple[int, ...] = (1, 4, 16, 64)
+    batch: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
     length: tuple[int, ...] = (256, 1024, 4096, 16384)
     cache: tuple[int, ...] = (2048, 8192, 32768)
     vision_rows: tuple[int, ...] = (1024, 4096, 16384, 65536)
