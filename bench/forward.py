@@ -469,14 +469,19 @@ def main():
 
     # ------------------------------------------------ summary
     summarize(results)
+    write_results(results, args.out, T0, print_table)
+
+
+def write_results(results: dict, out: str, t0: float, print_table, indent: int = 2) -> None:
+    """Peak RSS, run time and load average into `results`, print its table, write it as JSON to `out`."""
     results["peak_rss_gb"] = round(peak_rss_gb(), 2)
-    results["total_runtime_s"] = round(time.perf_counter() - T0, 1)
+    results["total_runtime_s"] = round(time.perf_counter() - t0, 1)
     results["machine"]["loadavg_at_end"] = os.getloadavg()
     print_table(results)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    log(f"wrote {args.out}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=indent)
+    log(f"wrote {out}")
 
 
 def summarize(results):

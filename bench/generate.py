@@ -771,14 +771,7 @@ def main():
 
     results["tokens"] = {k: v.tolist() for k, v in tokens.items()}
     summarize(results, batches)
-    results["peak_rss_gb"] = round(fw.peak_rss_gb(), 2)
-    results["total_runtime_s"] = round(time.perf_counter() - T0, 1)
-    results["machine"]["loadavg_at_end"] = os.getloadavg()
-    print_table(results)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
-    log(f"wrote {args.out}")
+    fw.write_results(results, args.out, T0, print_table, indent=1)
 
 
 def summarize(results, batches):

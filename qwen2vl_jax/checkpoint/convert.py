@@ -42,11 +42,9 @@ def _copy_side_files(source: str, target: str, dtype: str | None) -> None:
         config_path = os.path.join(target, "config.json")
         with open(config_path) as f:
             config = json.load(f)
-        for key in ("dtype", "torch_dtype"):
-            if key in config or key == "dtype":
-                config[key] = dtype
-            if isinstance(config.get("text_config"), dict) and key in config["text_config"]:
-                config["text_config"][key] = dtype
+        for section in (config, config.get("text_config") or {}):
+            section.update({key: dtype for key in ("dtype", "torch_dtype") if key in section})
+        config["dtype"] = dtype
         with open(config_path, "w") as f:
             json.dump(config, f, indent=2)
 

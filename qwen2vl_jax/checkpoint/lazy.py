@@ -94,6 +94,8 @@ def relayout(tree: dict, scan_layers: bool, counts: dict[str, tuple[str, int]]) 
 
     out = dict(tree)
     for top, (prefix, count) in counts.items():
+        if top not in out:  # a tree without this part: left for the caller's checks to name
+            continue
         sub = dict(out[top])
         if scan_layers and prefix not in sub:
             layers = [sub.pop(f"{prefix}_{i}") for i in range(count)]

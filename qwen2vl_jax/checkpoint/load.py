@@ -41,7 +41,7 @@ def open_params(path: str, config: Qwen2VLConfig) -> tuple[dict, bool]:
 
 
 def _check_against_config(tree: dict, config: Qwen2VLConfig, where: str) -> None:
-    unrolled = lazy.relayout(tree, False, layer_counts(config)) if _has_layer_subtrees(tree, config) else tree
+    unrolled = lazy.relayout(tree, False, layer_counts(config))
     got = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(unrolled)[0]}
     want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]}
     missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
@@ -49,10 +49,6 @@ def _check_against_config(tree: dict, config: Qwen2VLConfig, where: str) -> None
     if missing or unexpected or wrong:
         raise ValueError(f"{where} does not match its config.json: missing {missing[:6]}, unexpected "
                          f"{unexpected[:6]}, wrong shape {wrong[:6]}; convert the checkpoint again")
-
-
-def _has_layer_subtrees(tree: dict, config: Qwen2VLConfig) -> bool:
-    return all(prefix in tree.get(top, {}) for top, (prefix, _) in layer_counts(config).items())
 
 
 def load(path: str | os.PathLike, dtype=None, mesh=None, *, scan_layers: bool | None = None, shardings=None):
