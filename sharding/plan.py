@@ -111,7 +111,8 @@ def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", p
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, s)
     state = TrainState(step=with_sharding(state.step, shardings.step),
                        params=with_sharding(state.params, shardings.params),
-                       opt_state=with_sharding(state.opt_state, shardings.opt_state))
+                       opt_state=with_sharding(state.opt_state, shardings.opt_state),
+                       rng=with_sharding(state.rng, shardings.rng))
     batch_abstract = abstract_batch(config, batch, seq, patches_per_sample)
     batch_sharding = batch_shardings(batch_abstract, device_mesh)
     batch_abstract = with_sharding(batch_abstract, batch_sharding)

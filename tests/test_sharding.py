@@ -152,7 +152,7 @@ def test_train_step_on_a_mesh_equals_one_device():
         b_shard = batch_shardings(batch, mesh)
         sharded_step = jit_train_step(cfg, optimizer, mesh, shardings, b_shard)
         state, metrics = sharded_step(state, _place(batch, b_shard))
-    mu = state.opt_state[1][0].mu["language_model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    mu = state.opt_state.inner_state[1][0].mu["language_model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
     assert mu.sharding.spec == P("fsdp", "tensor")
     np.testing.assert_allclose(float(metrics["loss"]), float(metrics1["loss"]), atol=1e-5, rtol=0)
     np.testing.assert_allclose(float(metrics["grad_norm"]), float(metrics1["grad_norm"]), rtol=1e-5)
@@ -160,7 +160,7 @@ def test_train_step_on_a_mesh_equals_one_device():
     # where |g| ~ 1e-8, so single parameters may differ by float32 noise × 1e5; most must agree to 1e-6
     for moment in ("mu", "nu"):
         jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0),
-                               getattr(state.opt_state[1][0], moment), getattr(state1.opt_state[1][0], moment))
+                               getattr(state.opt_state.inner_state[1][0], moment), getattr(state1.opt_state.inner_state[1][0], moment))
     diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
         jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(state1.params))])
     assert diffs.max() <= 1e-3 and np.mean(diffs > 1e-6) < 1e-3

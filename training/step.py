@@ -20,24 +20,59 @@ from qwen2vl_jax.model import Qwen2VL
 IGNORE = -100
 
 
+# The paper's three stages, as the parameter groups each one trains (the rest stays bit-identical):
+# 1 the ViT (+ merger) on image-text pairs with the LLM frozen, 2 everything, 3 the LLM + merger with the ViT frozen.
+GROUPS = ("vision", "merger", "llm")
+STAGES = {"vision": ("vision", "merger"), "all": GROUPS, "llm": ("llm", "merger")}
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    rng: jax.Array | None = None  # for stochastic layers; saved and restored with the state
+
+
+def group_of(path: tuple) -> str:
+    """A parameter's group from its tree path: visual/merger → "merger", the rest of visual → "vision", else "llm"."""
+    names = [getattr(k, "key", str(k)) for k in path]
+    if names[0] == "visual":
+        return "merger" if "merger" in names else "vision"
+    return "llm"
+
+
+def trainable_mask(params, stage: str = "all"):
+    """The params tree as bools: True where `stage` (a key of STAGES) trains the parameter."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown training stage {stage!r}; choose one of {', '.join(STAGES)}")
+    return jax.tree_util.tree_map_with_path(lambda path, _: group_of(path) in STAGES[stage], params)
+
+
+def learning_rate_schedule(learning_rate: float, warmup_steps: int, total_steps: int):
+    """Linear warmup (step 0 already moves: lr/warmup_steps) then cosine decay to 0 at total_steps."""
+    if warmup_steps:
+        return optax.warmup_cosine_decay_schedule(learning_rate / warmup_steps, learning_rate, warmup_steps,
+                                                  max(total_steps, warmup_steps + 1))
+    return optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
 
 
 def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, total_steps: int = 1000,
-                   weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.95, clip_norm: float = 1.0):
-    """AdamW with linear warmup (step 0 already moves: lr/warmup_steps) then cosine decay to 0 at total_steps,
-    after global-norm clipping."""
-    if warmup_steps:
-        schedule = optax.warmup_cosine_decay_schedule(learning_rate / warmup_steps, learning_rate, warmup_steps,
-                                                      max(total_steps, warmup_steps + 1))
-    else:
-        schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
-    return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+                   weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.95, clip_norm: float = 1.0,
+                   grad_accum: int = 1, trainable=None, max_nonfinite: int = 1000):
+    """AdamW on `learning_rate_schedule`, after global-norm clipping. `trainable`: a bool tree (trainable_mask) or
+    None (all); frozen parameters get zero updates and no optimizer state. An update whose gradients hold NaN/inf is
+    skipped (optax.apply_if_finite; the state counts them). grad_accum > 1: optax.MultiSteps averages that many
+    micro-batch gradients per update (a non-finite micro-batch is dropped from the average)."""
+    opt = optax.chain(optax.clip_by_global_norm(clip_norm),
+                      optax.adamw(learning_rate_schedule(learning_rate, warmup_steps, total_steps),
+                                  b1=b1, b2=b2, weight_decay=weight_decay))
+    if trainable is not None:
+        labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
+        opt = optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)
+    if grad_accum > 1:
+        return optax.MultiSteps(opt, every_k_schedule=grad_accum, should_skip_update_fn=optax.skip_not_finite)
+    return optax.apply_if_finite(opt, max_consecutive_errors=max_nonfinite)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -48,25 +83,32 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def loss_fn(params, batch: dict, config: Qwen2VLConfig) -> tuple[jax.Array, jax.Array]:
-    """→ (mean loss over labelled tokens, their count)."""
+def loss_fn(params, batch: dict, config: Qwen2VLConfig, trainable=None) -> tuple[jax.Array, jax.Array]:
+    """→ (mean loss over labelled tokens, their count). Frozen parameters (trainable False) get no gradient, so XLA
+    drops their backward pass."""
+    if trainable is not None:
+        params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
     logits = Qwen2VL(config).apply({"params": params}, batch["input_ids"], batch["prepared"],
                                    batch.get("vision_pixels"), method=Qwen2VL.forward)
     total, count = cross_entropy(logits, batch["labels"])
     return total / jnp.maximum(count, 1), count
 
 
-def init_state(params, optimizer) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+def init_state(params, optimizer, seed: int = 0) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def train_step(state: TrainState, batch: dict, *, config: Qwen2VLConfig, optimizer) -> tuple[TrainState, dict]:
-    """Forward, backward and one optimizer update → (new state, {"loss", "grad_norm", "tokens"})."""
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, config)
+def train_step(state: TrainState, batch: dict, *, config: Qwen2VLConfig, optimizer,
+               trainable=None) -> tuple[TrainState, dict]:
+    """Forward, backward and one optimizer update → (new state, {"loss", "grad_norm", "tokens"}); `trainable` as in
+    make_optimizer (pass the same tree to both)."""
+    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, config, trainable)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    rng = None if state.rng is None else jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 
 def state_shardings(config: Qwen2VLConfig, optimizer, mesh) -> TrainState:
@@ -78,18 +120,19 @@ def state_shardings(config: Qwen2VLConfig, optimizer, mesh) -> TrainState:
 
     params = param_shardings(config, mesh)
     opt_state = opt_state_shardings(optimizer, params, nn.unbox(abstract_params(config)), mesh)
-    return TrainState(step=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), params=params,
-                      opt_state=opt_state)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
 
 
-def jit_train_step(config: Qwen2VLConfig, optimizer, mesh, state_sharding: TrainState, batch_sharding: dict):
+def jit_train_step(config: Qwen2VLConfig, optimizer, mesh, state_sharding: TrainState, batch_sharding: dict,
+                   trainable=None):
     """`train_step` jitted for `mesh`: state donated and kept in `state_sharding`, metrics replicated. Call it (and
     lower it) inside `jax.set_mesh(mesh)`."""
     from sharding.rules import axis_rules
 
     def step(state, batch):
         with axis_rules(mesh):
-            return train_step(state, batch, config=config, optimizer=optimizer)
+            return train_step(state, batch, config=config, optimizer=optimizer, trainable=trainable)
 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(step, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated),

@@ -45,8 +45,10 @@ _CORPUS = [
 ]
 
 
-def build_tiny_tokenizer(vocab_size: int = 400) -> Tokenizer:
-    """A byte-level BPE tokenizer with the Qwen2-VL special tokens at their real ids."""
+def build_tiny_tokenizer(vocab_size: int = 400, corpus: list[str] | None = None, compact: bool = False) -> Tokenizer:
+    """A byte-level BPE tokenizer trained on `corpus` (default: a few sentences) with the Qwen2-VL special tokens
+    at their real ids, or, with `compact`, right after the learned vocabulary (a small model needs no 151k-row
+    embedding table; its config then takes the token ids from the tokenizer)."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -59,12 +61,14 @@ def build_tiny_tokenizer(vocab_size: int = 400) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.train_from_iterator((corpus or _CORPUS) * 4, trainer)
     spec = json.loads(tok.to_str())
-    spec["model"]["vocab"].update(SPECIAL_TOKENS)  # sparse ids: 0..~400, then 151643..151656
+    first = len(spec["model"]["vocab"])
+    specials = {t: first + i for i, t in enumerate(SPECIAL_TOKENS)} if compact else SPECIAL_TOKENS
+    spec["model"]["vocab"].update(specials)  # sparse ids: 0..~400, then 151643..151656
     spec["added_tokens"] = [
         {"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
-        for t, i in SPECIAL_TOKENS.items()
+        for t, i in specials.items()
     ]
     return Tokenizer.from_str(json.dumps(spec))
 

@@ -1,0 +1,59 @@
+"""The training input pipeline on grain: source → shuffle/repeat → ToExample (in worker processes) → Batches.
+
+    dataset = training_batches(source, processor, model_config, data_config, seed=0)
+    iterator = iter(dataset)            # grain DatasetIterator: next(iterator) → batch dict (see batching.py)
+    iterator.get_state() / set_state()  # exact resume; orbax saves it via grain.checkpoint.CheckpointSave
+
+`data_config` fields (ml_collections or any attribute object): batch_size, length_buckets, vision_buckets, pack,
+truncate, num_epochs (None = forever), shuffle, workers (0 = in process), min_pixels, max_pixels."""
+from __future__ import annotations
+
+import grain
+
+from data_pipeline.batching import BatchLayout, Batches
+from data_pipeline.transforms import ToExample
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.processing import Processor
+
+
+def with_pixel_bounds(processor: Processor, min_pixels: int | None, max_pixels: int | None) -> Processor:
+    """The processor with the data config's image pixel bounds (None keeps the checkpoint's)."""
+    import dataclasses
+
+    bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    return Processor(processor.tokenizer, dataclasses.replace(processor.image_options, **bounds),
+                     processor.video_options)
+
+
+def check_token_ids(processor: Processor, config: Qwen2VLConfig) -> None:
+    """The tokenizer's vision ids must be the model's, and its vocabulary must fit the embedding table."""
+    tok = processor.tokenizer
+    for name in ("image_token_id", "video_token_id"):
+        if getattr(tok, name) != getattr(config, name):
+            raise ValueError(f"the tokenizer's {name} {getattr(tok, name)} differs from the model config's "
+                             f"{getattr(config, name)}; use the tokenizer that belongs to the checkpoint")
+    if len(tok) > config.text.vocab_size:
+        raise ValueError(f"the tokenizer has ids up to {len(tok) - 1} but the model's vocab_size is "
+                         f"{config.text.vocab_size}")
+
+
+def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, data, *, seed: int,
+                     shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
+    """Batches of `source` (a grain random-access source of records, see sources.py). With shard_count > 1 this
+    process reads every shard_count-th record from shard_index (per-host input)."""
+    check_token_ids(processor, model_config)
+    processor = with_pixel_bounds(processor, data.min_pixels, data.max_pixels)
+    ds = grain.MapDataset.source(source)
+    if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+    if data.shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(data.num_epochs)
+    ds = ds.map(ToExample(processor, max_length=max(data.length_buckets), max_vision_rows=max(data.vision_buckets),
+                          truncate=data.truncate))
+    ds = ds.to_iter_dataset()
+    if data.workers:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
+    layout = BatchLayout(rows=data.batch_size, lengths=tuple(data.length_buckets),
+                         vision_rows=tuple(data.vision_buckets), pack=data.pack, config=model_config)
+    return Batches(ds, layout)

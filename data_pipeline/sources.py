@@ -1,0 +1,317 @@
+"""Random-access data sources for grain (``len(src)``, ``src[i] -> record``).
+
+Every source returns the same normalized record (a dict)::
+
+    {"messages": list,   # Qwen chat messages (image/video items in content lists)
+     "images": list,     # one entry per image item, in message order:
+                         #   bytes (encoded image) or a local/remote path str
+     "videos": list,     # one entry per video item: path of a frame directory or .npy
+     "id": str,
+     ...}                # extra top-level string fields, passed through
+
+A record that cannot be built (bad JSON, no messages, path escaping the root)
+is returned as ``{"error": "<reason naming the file and line>", "id": str}``
+instead of raising, so a pipeline can count and skip it.
+
+Sources are picklable (open files / readers are re-opened lazily per process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+
+import numpy as np
+from etils import epath
+
+_REMOTE_PREFIXES = ("http://", "https://", "gs://", "s3://")
+_RESERVED = ("messages", "images", "videos", "id", "error")
+
+
+class RecordError(ValueError):
+    """A conversation that cannot be normalized (reported as an error record)."""
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def _confined_path(ref, root: str, root_real: str | None) -> str:
+    """Resolves media reference ``ref`` against ``root``; refuses escapes.
+
+    Remote URLs (http(s)://, gs://, s3://) pass through unchanged. Local refs
+    must be relative, must not climb out with ``..``, and (for a local root)
+    must not resolve through symlinks to a place outside ``root``.
+    """
+    if not isinstance(ref, str) or not ref:
+        raise RecordError(f"media reference must be a non-empty string, got {ref!r}")
+    if ref.startswith(_REMOTE_PREFIXES):
+        return ref
+    rel = ref[len("file://"):] if ref.startswith("file://") else ref
+    if "://" in rel:
+        raise RecordError(f"unsupported URL scheme in {ref!r}")
+    if rel.startswith(("/", "\\")) or posixpath.isabs(rel) or os.path.isabs(rel):
+        raise RecordError(f"absolute path {ref!r} is not allowed; use a path relative to {root}")
+    norm = posixpath.normpath(rel.replace("\\", "/"))
+    if norm == ".." or norm.startswith("../"):
+        raise RecordError(f"path {ref!r} escapes the media root {root}")
+    full = posixpath.join(root, norm)
+    if root_real is not None:
+        real = os.path.realpath(full)
+        if real != root_real and not real.startswith(root_real + os.sep):
+            raise RecordError(f"path {ref!r} resolves (via symlink) to {real}, outside {root}")
+    return full
+
+
+def _media_refs(messages: list, kind: str, fallback: list | None) -> list:
+    """The ``kind`` ("image"/"video") references of all content items, in order.
+
+    Items without their own reference (LLaVA-style ``{"type": "image"}``) take
+    the next entry of the top-level ``fallback`` list.
+    """
+    if fallback is not None and not isinstance(fallback, list):
+        raise RecordError(f"top-level {kind + 's'!r} must be a list, got {type(fallback).__name__}")
+    refs, fallback = [], list(fallback or [])
+    for msg in messages:
+        content = msg.get("content")
+        if not isinstance(content, list):
+            continue
+        for item in content:
+            if isinstance(item, dict) and item.get("type") == kind:
+                if item.get(kind) is not None:
+                    refs.append(item[kind])
+                elif fallback:
+                    refs.append(fallback.pop(0))
+                else:
+                    raise RecordError(f"{kind} item without a {kind!r} value and no "
+                                      f"top-level {kind + 's'!r} entry left for it")
+    if fallback:
+        raise RecordError(f"{len(fallback)} top-level {kind + 's'!r} entries have no "
+                          f"matching {{'type': '{kind}'}} item in the messages")
+    return refs
+
+
+def _check_messages(messages) -> list:
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("'messages' must be a non-empty list of {role, content} dicts")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise RecordError(f"message {m!r:.80} lacks 'role' or 'content'")
+    return messages
+
+
+class JsonlSource:
+    """One Qwen-format conversation per line of a JSONL file.
+
+    Args:
+      path: the .jsonl file (local path or epath-supported URL).
+      root: folder that image/video paths are relative to and confined to
+        (default: the jsonl's folder).
+
+    The file is indexed once (byte offset of each non-blank line); items are
+    read by seeking, so the lines are never all held in memory.
+    """
+
+    def __init__(self, path, root=None):
+        self.path = str(path)
+        p = epath.Path(self.path)
+        if not p.exists():
+            raise FileNotFoundError(
+                f"JsonlSource: {self.path} does not exist; pass a .jsonl file with one "
+                "{'messages': [...]} conversation per line (see synthetic.write_jsonl).")
+        self.root = str(root) if root is not None else str(p.parent)
+        local = not _is_remote(self.root)
+        self._root_real = os.path.realpath(self.root) if local else None
+        offsets, lines = [], []
+        pos = 0
+        with p.open("rb") as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    offsets.append(pos)
+                    lines.append(n)
+                pos += len(line)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._lines = np.asarray(lines, dtype=np.int64)
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None  # file handles are per process
+        return state
+
+    def _read_line(self, i: int) -> bytes:
+        if self._file is None:
+            self._file = epath.Path(self.path).open("rb")
+        self._file.seek(int(self._offsets[i]))
+        return self._file.readline()
+
+    def __getitem__(self, index) -> dict:
+        i = int(index)
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"JsonlSource index {i} out of range for {len(self)} records")
+        i %= len(self)
+        line_no = int(self._lines[i])
+        default_id = f"{posixpath.basename(self.path)}:{line_no}"
+        try:
+            obj = json.loads(self._read_line(i))
+            if not isinstance(obj, dict):
+                raise RecordError("line is not a JSON object")
+            messages = _check_messages(obj.get("messages"))
+            images = [_confined_path(r, self.root, self._root_real)
+                      for r in _media_refs(messages, "image", obj.get("images"))]
+            videos = [_confined_path(r, self.root, self._root_real)
+                      for r in _media_refs(messages, "video", obj.get("videos"))]
+        except (ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+            return {"error": f"{self.path} line {line_no}: {e}", "id": default_id}
+        rid = obj.get("id")
+        record = {"messages": messages, "images": images, "videos": videos,
+                  "id": str(rid) if isinstance(rid, (str, int)) else default_id}
+        record.update({k: v for k, v in obj.items()
+                       if k not in _RESERVED and isinstance(v, str)})
+        return record
+
+
+def _find_dataset_dir(path: epath.Path) -> epath.Path | None:
+    """``path`` itself or its newest version subfolder holding dataset_info.json."""
+    if (path / "dataset_info.json").exists():
+        return path
+    if path.is_dir():
+        versions = sorted((d for d in path.iterdir() if (d / "dataset_info.json").exists()),
+                          key=lambda d: tuple(int(x) if x.isdigit() else 0
+                                              for x in d.name.split(".")))
+        if versions:
+            return versions[-1]
+    return None
+
+
+def _encode_array(arr: np.ndarray) -> bytes:
+    """PNG-encodes a decoded image array (datasets using tfds.features.Image)."""
+    import io
+
+    from PIL import Image
+
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class TfdsSource:
+    """A TFDS dataset (ArrayRecord format) with a JSON ``messages`` text feature.
+
+    Args:
+      name_or_dir: a registered/prepared dataset name (e.g. "synthetic_vqa"),
+        or a dataset folder (``.../name/1.0.0``, or ``.../name`` for its newest
+        version).
+      split: split spec, e.g. "train" or "test[:10%]".
+      data_dir: TFDS data dir to look up a dataset name in.
+
+    Expected features: "messages" (JSON text), "images" (sequence of encoded
+    bytes or decoded images); optional "id", "videos" and text fields.
+    """
+
+    def __init__(self, name_or_dir: str, split: str = "train", data_dir=None):
+        self.name_or_dir, self.split = str(name_or_dir), split
+        self.data_dir = None if data_dir is None else str(data_dir)
+        self._ds = None
+        self._open()
+
+    def _open(self):
+        import tensorflow_datasets as tfds
+
+        hint = ("Write the demo set with `python -c \"from data_pipeline.synthetic import "
+                "write_tfds; print(write_tfds('DATA_DIR'))\"` and pass "
+                "data_dir=DATA_DIR, or give the dataset folder path.")
+        looks_like_path = "/" in self.name_or_dir or self.name_or_dir.startswith(".")
+        if looks_like_path:
+            ds_dir = _find_dataset_dir(epath.Path(self.name_or_dir))
+            if ds_dir is None:
+                raise FileNotFoundError(
+                    f"TfdsSource: no TFDS dataset (dataset_info.json) in {self.name_or_dir} "
+                    f"or its version subfolders. {hint}")
+            self._ds = tfds.builder_from_directory(str(ds_dir)).as_data_source(split=self.split)
+        else:
+            try:
+                self._ds = tfds.data_source(self.name_or_dir, split=self.split,
+                                            data_dir=self.data_dir, download=False, try_gcs=False)
+            except (tfds.core.registered.DatasetNotFoundError, NotImplementedError) as e:
+                # NotImplementedError: a registered dataset that is not prepared
+                # here in a random-access format (array_record / parquet).
+                reason = str(e).splitlines()[0]
+                raise FileNotFoundError(
+                    f"TfdsSource: no random-access dataset {self.name_or_dir!r} in data_dir="
+                    f"{self.data_dir!r} (looked for {self.name_or_dir}/<version>/"
+                    f"dataset_info.json with array_record files; tfds said: {reason}). "
+                    f"{hint}") from None
+        features = self._ds.dataset_info.features
+        if "messages" not in features:
+            raise ValueError(
+                f"TfdsSource: {self.name_or_dir} has features {sorted(features)}, but a "
+                "'messages' text feature (JSON Qwen chat messages) is required.")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_ds"] = None  # reopened lazily in each worker
+        return state
+
+    def __len__(self) -> int:
+        if self._ds is None:
+            self._open()
+        return len(self._ds)
+
+    def __getitem__(self, index) -> dict:
+        if self._ds is None:
+            self._open()
+        i = int(index)
+        raw = self._ds[i]
+        rid = raw.get("id", f"{self.name_or_dir}/{self.split}:{i}")
+        rid = rid.decode() if isinstance(rid, bytes) else str(rid)
+        try:
+            msgs = raw["messages"]
+            messages = _check_messages(json.loads(msgs.decode() if isinstance(msgs, bytes) else msgs))
+            images = [im if isinstance(im, bytes) else _encode_array(im)
+                      for im in raw.get("images", [])]
+            videos = [v.decode() if isinstance(v, bytes) else str(v) for v in raw.get("videos", [])]
+        except (ValueError, TypeError) as e:
+            return {"error": f"{self.name_or_dir} split {self.split} record {i}: {e}", "id": rid}
+        record = {"messages": messages, "images": images, "videos": videos, "id": rid}
+        for k, v in raw.items():
+            if k not in _RESERVED and isinstance(v, (bytes, str)):
+                record[k] = v.decode() if isinstance(v, bytes) else v
+        return record
+
+
+def open_source(spec: str, data_dir=None):
+    """Builds a source from a spec string.
+
+    Specs:
+      ``jsonl:PATH[?root=DIR]`` or a plain ``PATH.jsonl``  -> JsonlSource
+      ``tfds:NAME_OR_DIR[:SPLIT]`` (split defaults to "train") -> TfdsSource,
+      with ``data_dir`` used to look up a dataset name.
+    """
+    spec = str(spec)
+    if spec.startswith("jsonl:"):
+        path, _, query = spec[len("jsonl:"):].partition("?")
+        root = None
+        if query:
+            key, _, value = query.partition("=")
+            if key != "root" or not value:
+                raise ValueError(f"open_source: bad option {query!r} in {spec!r}; "
+                                 "only '?root=DIR' is supported")
+            root = value
+        return JsonlSource(path, root=root)
+    if spec.startswith("tfds:"):
+        body = spec[len("tfds:"):]
+        scheme, sep, rest = body.rpartition("://") if "://" in body else ("", "", body)
+        name, _, split = rest.partition(":")
+        return TfdsSource(scheme + sep + name, split or "train", data_dir=data_dir)
+    if spec.endswith(".jsonl"):
+        return JsonlSource(spec)
+    raise ValueError(f"open_source: cannot interpret {spec!r}; use 'jsonl:PATH[?root=DIR]', "
+                     "'tfds:NAME[:SPLIT]' (with data_dir=...) or a path ending in .jsonl")
