@@ -20,6 +20,13 @@ setup(
         "orbax-checkpoint==0.12.8",
         "tensorstore==0.1.86",
         "tqdm==4.70.1",
+        "absl-py==2.5.1",
+        "grain==0.2.18",
+        "tensorflow-datasets==4.9.10",
+        "array-record==0.8.6",
+        "protobuf==7.36.2",
+        "tensorboard==2.21.0",
+        "matplotlib==3.11.2",
     ],
     extras_require={
         "test": [
@@ -33,6 +40,7 @@ setup(
             "qwen2vl-demo=qwen2vl_jax.demo:main",
             "qwen2vl-convert=qwen2vl_jax.checkpoint.convert:main",
             "qwen2vl-generate=qwen2vl_jax.generate_cli:main",
+            "qwen2vl-train=training.train:main",
         ],
     },
 )

@@ -11,7 +11,8 @@ A batch is a dict of numpy arrays, in `training.step`'s layout:
     input_ids int32[B, L]; labels int32[B, L]; prepared: {attention_mask (segment ids) int32[B, L],
     position_ids int32[3, B, L], splice_index int32[B, L], vision_pos_hw int32[V, 2], vision_segment_ids int32[V]};
     vision_pixels float32[V, 1176] (absent when no example of the batch has media);
-    stats: {examples, skipped, real_tokens, padded_tokens, real_vision_rows, padded_vision_rows} int64 scalars.
+    stats: {examples, skipped, real_tokens, padded_tokens, real_vision_rows, padded_vision_rows} int64 scalars;
+    example_ids: the ids of each row's examples (a list per row). stats and example_ids stay on the host.
 
 Resuming is exact: a batch is made of consecutive examples, and an example that did not fit is held for the next
 batch, so the iterator state is the parent's state before the first example of the next batch."""
@@ -132,6 +133,7 @@ class BatchIterator(grain.DatasetIterator):
             pixels = np.zeros((padded_vision, examples[0]["pixels"].shape[1]), np.float32)
             pixels[:real_vision] = np.concatenate([p for _, p in images + videos])
             batch["vision_pixels"] = pixels
+        batch["example_ids"] = [[e["id"] for e in row] for row in rows]
         batch["stats"] = {k: np.int64(v) for k, v in dict(
             examples=len(examples), skipped=skipped, real_tokens=int((segments > 0).sum()),
             padded_tokens=segments.size, real_vision_rows=real_vision, padded_vision_rows=padded_vision).items()}

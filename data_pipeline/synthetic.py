@@ -196,6 +196,17 @@ def demo_corpus() -> list[str]:
     return corpus
 
 
+def write_demo_processor(directory: str, vocab_size: int = 400) -> str:
+    """A small tokenizer trained on the demo's questions and answers (each answer one token), with the Qwen2-VL
+    special tokens right after its vocabulary, plus chat template and preprocessor config → `directory`."""
+    from qwen2vl_jax.processing.fixtures import build_tiny_tokenizer, write_tiny_processor
+
+    write_tiny_processor(directory)
+    corpus = demo_corpus() + ["You are a helpful assistant.", "system\n", "user\n", "assistant\n"]
+    build_tiny_tokenizer(vocab_size, corpus, compact=True).save(str(epath.Path(directory) / "tokenizer.json"))
+    return directory
+
+
 def to_messages(example: dict, image_ref=None) -> list:
     """Qwen chat messages for ``example``; ``image_ref=None`` gives ``{"type": "image"}``."""
     image_item = {"type": "image"}

@@ -97,12 +97,21 @@ class Qwen2VL(nn.Module):
         return self.language_model(embeds, position_ids, jnp.asarray(attention_mask, jnp.int32))
 
 
-def abstract_params(config: Qwen2VLConfig) -> dict:
-    """The params tree of `config` as jax.ShapeDtypeStruct leaves boxed in nn.LogicallyPartitioned (logical axis
-    names per dim; `nn.unbox` drops them), in the config's layer layout, computed without allocating."""
+def _init(config: Qwen2VLConfig, key) -> dict:
+    """Random params, boxed in nn.LogicallyPartitioned (from one image placeholder and a 2×2-patch image)."""
     ids = np.array([[config.image_token_id]])
     prepared = prepare_inputs(config, ids, image_grid_thw=np.array([[1, 2, 2]]), image_rows=4)
     pixels = np.zeros((4, config.vision.patch_dim), np.float32)
-    variables = jax.eval_shape(lambda: Qwen2VL(config).init(jax.random.key(0), ids, prepared, pixels,
-                                                            method=Qwen2VL.forward))
-    return variables["params"]
+    return Qwen2VL(config).init(key, ids, prepared, pixels, method=Qwen2VL.forward)["params"]
+
+
+def abstract_params(config: Qwen2VLConfig) -> dict:
+    """The params tree of `config` as jax.ShapeDtypeStruct leaves boxed in nn.LogicallyPartitioned (logical axis
+    names per dim; `nn.unbox` drops them), in the config's layer layout, computed without allocating."""
+    return jax.eval_shape(lambda: _init(config, jax.random.key(0)))
+
+
+def init_params(config: Qwen2VLConfig, seed: int = 0, shardings=None) -> dict:
+    """Random params (unboxed), created directly in `shardings` (a tree like params, e.g. from
+    sharding.rules.param_shardings) when given, so a large model never sits whole on one device."""
+    return jax.jit(lambda key: nn.unbox(_init(config, key)), out_shardings=shardings)(jax.random.key(seed))

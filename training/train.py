@@ -1,0 +1,244 @@
+"""The training loop and the `qwen2vl-train` command.
+
+    qwen2vl-train --config configs/demo_cpu.py --workdir /tmp/demo [--config.steps=300 ...]
+
+The same command runs on a laptop CPU, one TPU VM, or every host of a multi-host slice (each host runs it; JAX finds
+its peers). WORKDIR (local or gs://) receives checkpoints/, metrics.jsonl, tensorboard/, config.json and, for the
+demo, demo_eval.json and demo.png. A run that finds a checkpoint in WORKDIR resumes from it exactly: same state, same
+data order, same following losses.
+
+Multi-host input: every process builds the same global batch from the same pipeline and hands each device its
+slice (simple and exactly reproducible; the per-host decode cost grows with the global batch)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from etils import epath
+
+from data_pipeline.pipeline import training_batches
+from qwen2vl_jax.compiles import CompileCounter
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.model import init_params
+from qwen2vl_jax.processing import Processor
+from sharding.mesh import initialize_distributed, make_mesh
+from sharding.rules import batch_shardings, param_shardings
+from training.checkpoints import Checkpoints, Preemption
+from training.metrics import MetricsWriter
+from training.step import (init_state, jit_train_step, learning_rate_schedule, make_optimizer, state_shardings,
+                           trainable_mask)
+
+log = logging.getLogger("qwen2vl_jax.train")
+HOST_KEYS = ("stats", "example_ids")  # batch entries that stay on the host
+# peak dense bf16 FLOP/s per chip, for the MFU estimate (device_kind prefix → FLOP/s)
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+              "TPU v6": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+
+
+def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor, dict | None]:
+    """→ (model config, processor, params from init_from or None). The tokenizer comes from config.tokenizer, else
+    from init_from; "demo" writes the demo's compact tokenizer into WORKDIR/tokenizer."""
+    params = None
+    tokenizer_dir = config.tokenizer or config.init_from
+    if tokenizer_dir == "demo":
+        from data_pipeline.synthetic import write_demo_processor
+        tokenizer_dir = write_demo_processor(os.path.join(workdir, "tokenizer"))
+    if not tokenizer_dir:
+        raise ValueError("set --config.tokenizer (a folder with tokenizer.json and preprocessor_config.json) or "
+                         "--config.init_from (a converted checkpoint, which carries its tokenizer)")
+    processor = Processor.from_pretrained(tokenizer_dir)
+    model = dict(config.model)
+    overrides = {k: model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention") if k in model}
+    if config.init_from:
+        from qwen2vl_jax.checkpoint.load import load
+        model_config, params = load(config.init_from, scan_layers=overrides.get("scan_layers"))
+        model_config = model_config.replace(**overrides)
+    else:
+        base = Qwen2VLConfig.preset(model["preset"])
+        tok = processor.tokenizer
+        vocab = base.text.vocab_size if model.get("vocab_size", 0) == 0 else model["vocab_size"]
+        vocab = max(vocab, -(-len(tok) // 64) * 64) if model.get("vocab_size", 0) == -1 else vocab
+        text = dataclasses.replace(base.text, vocab_size=vocab, **dict(model.get("text", {})))
+        vision = dataclasses.replace(base.vision, **dict(model.get("vision", {})))
+        model_config = base.replace(
+            text=text, vision=vision, image_token_id=tok.image_token_id, video_token_id=tok.video_token_id,
+            vision_start_token_id=tok.token_to_id("<|vision_start|>"),
+            vision_end_token_id=tok.token_to_id("<|vision_end|>"), bos_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_ids[0], pad_token_id=tok.pad_token_id, **overrides)
+    return model_config, processor, params
+
+
+def data_folder(config, workdir: str) -> str:
+    """config.data.data_dir, or WORKDIR/data when empty."""
+    return config.data.data_dir or os.path.join(workdir, "data")
+
+
+def place(batch: dict, mesh) -> dict:
+    """A host batch (the same global batch on every process) → global arrays in the batch shardings."""
+    device_batch = {k: v for k, v in batch.items() if k not in HOST_KEYS}
+    shardings = batch_shardings(device_batch, mesh)
+    return jax.tree_util.tree_map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
+                                  device_batch, shardings), shardings
+
+
+def model_flops_per_token(config: Qwen2VLConfig) -> tuple[float, float]:
+    """(text FLOPs per token, vision FLOPs per patch) of one training step: 6 × parameters (forward + backward)."""
+    from sharding.plan import analytic_param_count
+
+    t, v = config.text, config.vision
+    vision_params = v.depth * (4 * v.embed_dim ** 2 + 2 * v.embed_dim * v.mlp_dim)
+    return 6.0 * (analytic_param_count(config) - vision_params), 6.0 * vision_params
+
+
+def peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((f for prefix, f in PEAK_FLOPS.items() if kind.startswith(prefix)), None)
+
+
+def train(config, workdir: str) -> dict:
+    """Runs (or resumes) the run `config` describes in `workdir`; → summary dict (steps, last loss, compiles...)."""
+    initialize_distributed()
+    workdir = os.fspath(workdir)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+    model_config, processor, params = model_and_processor(config, workdir)
+    mesh = make_mesh(config.mesh, dcn=config.get("dcn_mesh") or None)
+    from data_pipeline.sources import open_source
+    data_dir = data_folder(config, workdir)
+    if config.data.get("demo_set"):
+        import tensorflow_datasets as tfds
+
+        from data_pipeline.synthetic import write_tfds
+        tfds.display_progress_bar(False)
+        write_tfds(data_dir, dict(config.data.demo_set), seed=config.seed)
+    source = open_source(config.data.train, data_dir=data_dir)
+    dataset = training_batches(source, processor, model_config, config.data, seed=config.seed)
+
+    with jax.set_mesh(mesh):
+        p_shardings = param_shardings(model_config, mesh)
+        if params is None:
+            params = init_params(model_config, config.seed, p_shardings)
+        else:
+            params = jax.device_put(params, p_shardings)
+        trainable = trainable_mask(params, config.stage)
+        o = config.optim
+        optimizer = make_optimizer(o.learning_rate, warmup_steps=o.warmup_steps, total_steps=config.steps,
+                                   weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, clip_norm=o.clip_norm,
+                                   grad_accum=o.grad_accum, trainable=trainable)
+        s_shardings = state_shardings(model_config, optimizer, mesh)
+        state = jax.jit(functools.partial(init_state, optimizer=optimizer, seed=config.seed),
+                        out_shardings=s_shardings)(params)
+        del params
+        checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint_every, config.keep_checkpoints)
+        iterator = iter(dataset)
+        first = checkpoints.latest_step() or 0
+        if first:
+            abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                              state)
+            state, data_state = checkpoints.restore(first, abstract)
+            iterator.set_state(data_state)
+            log.info("resumed from step %d", first)
+        summary = run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings, iterator,
+                           checkpoints, first)
+        checkpoints.close()
+    if config.get("demo_eval") and not summary["preempted"] and jax.process_index() == 0:
+        from training.demo_eval import evaluate_demo
+        summary["demo_eval"] = evaluate_demo(config, workdir, model_config, processor, summary.pop("state"))
+    summary.pop("state", None)
+    return summary
+
+
+def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings, iterator, checkpoints,
+             first: int) -> dict:
+    steps = {}  # jitted step per batch-sharding layout
+
+    def step_for(shardings):
+        key = tuple(sorted((k, str(s.spec)) for k, s in jax.tree_util.tree_leaves_with_path(shardings)
+                           for k in [jax.tree_util.keystr(k)]))
+        if key not in steps:
+            steps[key] = jit_train_step(model_config, optimizer, mesh, s_shardings, shardings, trainable)
+        return steps[key]
+
+    schedule = learning_rate_schedule(config.optim.learning_rate, config.optim.warmup_steps, config.steps)
+    text_flops, vision_flops = model_flops_per_token(model_config)
+    peak = peak_flops()
+    writer = MetricsWriter(workdir, config.steps, first, tensorboard=config.get("tensorboard", True))
+    preemption = Preemption()
+    window = {"tokens": 0, "padded": 0, "vision": 0, "vision_padded": 0, "skipped": 0, "time": time.perf_counter()}
+    totals = {"skipped": 0, "tokens": 0, "padded": 0}
+    nonfinite_run, step, metrics = 0, first, {}
+    with CompileCounter() as compiles:
+        try:
+            while step < config.steps:
+                batch = next(iterator)
+                stats = batch["stats"]
+                device_batch, shardings = place(batch, mesh)
+                state, metrics = step_for(shardings)(state, device_batch)
+                step += 1
+                for key, name in (("tokens", "real_tokens"), ("padded", "padded_tokens"),
+                                  ("vision", "real_vision_rows"), ("vision_padded", "padded_vision_rows"),
+                                  ("skipped", "skipped")):
+                    window[key] += int(stats[name])
+                totals["skipped"] += int(stats["skipped"])
+                totals["tokens"] += int(stats["real_tokens"])
+                totals["padded"] += int(stats["padded_tokens"])
+                writer.advance()
+                if step % config.log_every == 0 or step == config.steps:
+                    loss = float(metrics["loss"])
+                    nonfinite_run = 0 if math.isfinite(loss) else nonfinite_run + config.log_every
+                    if nonfinite_run >= config.max_nonfinite_steps:
+                        raise FloatingPointError(
+                            f"the loss has been NaN/inf for {nonfinite_run} steps (updates were skipped); lower "
+                            f"optim.learning_rate or check the data; the last good checkpoint is in {workdir}")
+                    elapsed = time.perf_counter() - window["time"]
+                    flops = text_flops * window["tokens"] + vision_flops * window["vision"]
+                    writer.write(step, {
+                        "loss": loss, "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
+                        "tokens_per_s": window["tokens"] / elapsed,
+                        "padding_efficiency": window["tokens"] / max(window["padded"], 1),
+                        "vision_padding_efficiency": window["vision"] / max(window["vision_padded"], 1),
+                        "mfu": flops / elapsed / (peak * jax.device_count()) if peak else None,
+                        "skipped_samples": totals["skipped"], "step_compiles": compiles.count("step")})
+                    window = dict.fromkeys(window, 0) | {"time": time.perf_counter()}
+                if preemption.requested:
+                    checkpoints.save(step, state, iterator.get_state(), force=True)
+                    log.warning("SIGTERM: saved step %d to %s; stopping", step, workdir)
+                    break
+                checkpoints.save(step, state, iterator.get_state(), force=step == config.steps)
+        finally:
+            preemption.restore()
+            writer.close()
+    return {"steps": step, "loss": float(metrics["loss"]) if metrics else None, "preempted": preemption.requested,
+            "step_compiles": compiles.count("step"), "skipped_samples": totals["skipped"],
+            "padding_efficiency": totals["tokens"] / max(totals["padded"], 1), "state": state}
+
+
+def main(argv=None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "experiment config file (configs/NAME.py)", lock_config=True)
+    flags.DEFINE_string("workdir", None, "run folder (local or gs://): checkpoints, metrics, results")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(_):
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds log every file they touch at INFO
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
+        print(json.dumps(summary, indent=2, default=float))
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
