@@ -129,13 +129,14 @@ class Qwen2VLConfig:
 def _read_json(src) -> dict[str, Any]:
     if isinstance(src, Mapping):
         return dict(src)
-    path = os.fspath(src)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"no config.json at {path!r}: pass a Hugging Face model folder or its config.json")
-    with open(path) as f:
-        return json.load(f)
+    from etils import epath  # local or gs://
+
+    path = epath.Path(src)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise ValueError(f"no config.json at {os.fspath(path)!r}: pass a Hugging Face model folder or its config.json")
+    return json.loads(path.read_text())
 
 
 def _pick(d: Mapping[str, Any], cls, renames: Mapping[str, str] = {}) -> dict[str, Any]:

@@ -80,6 +80,7 @@ def initialize_distributed() -> None:
     if jax.distributed.is_initialized():
         return
     if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need a collectives backend
         jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
                                    int(os.environ["JAX_PROCESS_ID"]))
     elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -35,7 +36,7 @@ from training.metrics import MetricsWriter
 from training.step import (init_state, jit_train_step, learning_rate_schedule, make_optimizer, state_shardings,
                            trainable_mask)
 
-log = logging.getLogger("qwen2vl_jax.train")
+log = logging.getLogger("training.train")  # not __name__: "__main__" under python -m
 HOST_KEYS = ("stats", "example_ids")  # batch entries that stay on the host
 # peak dense bf16 FLOP/s per chip, for the MFU estimate (device_kind prefix → FLOP/s)
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
@@ -48,8 +49,10 @@ def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor,
     params = None
     tokenizer_dir = config.tokenizer or config.init_from
     if tokenizer_dir == "demo":
-        from data_pipeline.synthetic import write_demo_processor
-        tokenizer_dir = write_demo_processor(os.path.join(workdir, "tokenizer"))
+        tokenizer_dir = demo_tokenizer_dir(workdir)
+        if not (epath.Path(tokenizer_dir) / "tokenizer.json").exists():
+            from data_pipeline.synthetic import write_demo_processor
+            write_demo_processor(tokenizer_dir)
     if not tokenizer_dir:
         raise ValueError("set --config.tokenizer (a folder with tokenizer.json and preprocessor_config.json) or "
                          "--config.init_from (a converted checkpoint, which carries its tokenizer)")
@@ -63,8 +66,7 @@ def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor,
     else:
         base = Qwen2VLConfig.preset(model["preset"])
         tok = processor.tokenizer
-        vocab = base.text.vocab_size if model.get("vocab_size", 0) == 0 else model["vocab_size"]
-        vocab = max(vocab, -(-len(tok) // 64) * 64) if model.get("vocab_size", 0) == -1 else vocab
+        vocab = {0: base.text.vocab_size, -1: -(-len(tok) // 64) * 64}.get(model["vocab_size"], model["vocab_size"])
         text = dataclasses.replace(base.text, vocab_size=vocab, **dict(model.get("text", {})))
         vision = dataclasses.replace(base.vision, **dict(model.get("vision", {})))
         model_config = base.replace(
@@ -73,6 +75,29 @@ def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor,
             vision_end_token_id=tok.token_to_id("<|vision_end|>"), bos_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_ids[0], pad_token_id=tok.pad_token_id, **overrides)
     return model_config, processor, params
+
+
+def demo_tokenizer_dir(workdir: str) -> str:
+    return os.path.join(workdir, "tokenizer")
+
+
+def prepare_workdir(config, workdir: str) -> None:
+    """Process 0 writes config.json and, for the demo, its tokenizer and data set; the others wait for it."""
+    if jax.process_index() == 0:
+        epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+        if config.tokenizer == "demo":
+            from data_pipeline.synthetic import write_demo_processor
+            write_demo_processor(demo_tokenizer_dir(workdir))
+        if config.data.get("demo_set"):
+            import tensorflow_datasets as tfds
+
+            from data_pipeline.synthetic import write_tfds
+            tfds.display_progress_bar(False)
+            write_tfds(data_folder(config, workdir), dict(config.data.demo_set), seed=config.seed)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("qwen2vl-train: workdir prepared")
 
 
 def data_folder(config, workdir: str) -> str:
@@ -106,20 +131,11 @@ def train(config, workdir: str) -> dict:
     """Runs (or resumes) the run `config` describes in `workdir`; → summary dict (steps, last loss, compiles...)."""
     initialize_distributed()
     workdir = os.fspath(workdir)
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+    prepare_workdir(config, workdir)
     model_config, processor, params = model_and_processor(config, workdir)
     mesh = make_mesh(config.mesh, dcn=config.get("dcn_mesh") or None)
     from data_pipeline.sources import open_source
-    data_dir = data_folder(config, workdir)
-    if config.data.get("demo_set"):
-        import tensorflow_datasets as tfds
-
-        from data_pipeline.synthetic import write_tfds
-        tfds.display_progress_bar(False)
-        write_tfds(data_dir, dict(config.data.demo_set), seed=config.seed)
-    source = open_source(config.data.train, data_dir=data_dir)
+    source = open_source(config.data.train, data_dir=data_folder(config, workdir))
     dataset = training_batches(source, processor, model_config, config.data, seed=config.seed)
 
     with jax.set_mesh(mesh):
@@ -174,12 +190,13 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
     preemption = Preemption()
     window = {"tokens": 0, "padded": 0, "vision": 0, "vision_padded": 0, "skipped": 0, "time": time.perf_counter()}
     totals = {"skipped": 0, "tokens": 0, "padded": 0}
-    nonfinite_run, step, metrics = 0, first, {}
+    nonfinite_run, step, metrics, shapes = 0, first, {}, set()
     with CompileCounter() as compiles:
         try:
             while step < config.steps:
                 batch = next(iterator)
                 stats = batch["stats"]
+                shapes.add((batch["input_ids"].shape, batch["vision_pixels"].shape if "vision_pixels" in batch else None))
                 device_batch, shardings = place(batch, mesh)
                 state, metrics = step_for(shardings)(state, device_batch)
                 step += 1
@@ -206,7 +223,8 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
                         "padding_efficiency": window["tokens"] / max(window["padded"], 1),
                         "vision_padding_efficiency": window["vision"] / max(window["vision_padded"], 1),
                         "mfu": flops / elapsed / (peak * jax.device_count()) if peak else None,
-                        "skipped_samples": totals["skipped"], "step_compiles": compiles.count("step")})
+                        "skipped_samples": totals["skipped"], "step_compiles": compiles.count("step"),
+                        "data_crc": zlib.crc32(json.dumps(batch["example_ids"]).encode())})
                     window = dict.fromkeys(window, 0) | {"time": time.perf_counter()}
                 if preemption.requested:
                     checkpoints.save(step, state, iterator.get_state(), force=True)
@@ -217,7 +235,7 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
             preemption.restore()
             writer.close()
     return {"steps": step, "loss": float(metrics["loss"]) if metrics else None, "preempted": preemption.requested,
-            "step_compiles": compiles.count("step"), "skipped_samples": totals["skipped"],
+            "step_compiles": compiles.count("step"), "batch_shapes": len(shapes), "skipped_samples": totals["skipped"],
             "padding_efficiency": totals["tokens"] / max(totals["padded"], 1), "state": state}
 
 
@@ -233,7 +251,8 @@ def main(argv=None) -> None:
         from absl import logging as absl_logging
 
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds log every file they touch at INFO
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        for ours in ("training", "data_pipeline"):
+            logging.getLogger(ours).setLevel(logging.INFO)
         summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
         print(json.dumps(summary, indent=2, default=float))
 

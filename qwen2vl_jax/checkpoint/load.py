@@ -9,6 +9,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from qwen2vl_jax.checkpoint import lazy, orbax_files
 from qwen2vl_jax.checkpoint.hf import iter_tensors
@@ -24,17 +25,17 @@ def layer_counts(config: Qwen2VLConfig) -> dict[str, tuple[str, int]]:
 
 
 def is_converted(path: str) -> bool:
-    return os.path.exists(os.path.join(path, FORMAT_FILE))
+    return (epath.Path(path) / FORMAT_FILE).exists()
 
 
 def open_params(path: str, config: Qwen2VLConfig) -> tuple[dict, bool]:
     """The folder's params as a tree of LazyArrays in their stored layout, nothing read yet, names and shapes checked
     against `config`. → (tree, stored scan_layers)."""
     if is_converted(path):
-        with open(os.path.join(path, FORMAT_FILE)) as f:
-            scan_layers = bool(json.load(f)["scan_layers"])
-        tree = orbax_files.open_arrays(os.path.join(path, PARAMS_DIR))
-        _check_against_config(tree, config, os.path.join(path, PARAMS_DIR))
+        scan_layers = bool(json.loads((epath.Path(path) / FORMAT_FILE).read_text())["scan_layers"])
+        params_dir = path.rstrip("/") + "/" + PARAMS_DIR  # local or gs:// (Orbax reads both)
+        tree = orbax_files.open_arrays(params_dir)
+        _check_against_config(tree, config, params_dir)
         return tree, scan_layers
     views = params_from_torch(iter_tensors(path), config.replace(scan_layers=False))  # zero-copy, validated
     return jax.tree_util.tree_map(lazy.from_array, views), False
@@ -60,8 +61,8 @@ def load(path: str | os.PathLike, dtype=None, mesh=None, *, scan_layers: bool | 
       `shardings` (a tree like params) overrides the rules. Without either, params are numpy arrays.
     scan_layers: the layer layout to return (stacked for nn.scan or unrolled); None keeps the stored one
       (unrolled for Hugging Face folders)."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
+    path = os.fspath(path)  # a local folder; a converted folder may also be gs://
+    if not epath.Path(path).is_dir():
         raise ValueError(f"{path!r} is not a folder; pass a folder written by qwen2vl-convert or a Hugging Face "
                          "model folder (config.json + weights)")
     config = Qwen2VLConfig.from_hf(path)

@@ -121,20 +121,20 @@ class Processor:
         Without video_preprocessor_config.json, videos take the patch/normalize settings of
         preprocessor_config.json and the qwen-vl-utils pixel bounds (128·28² .. 768·28², 24576·28² total).
         """
-        path = os.fspath(path)
-        tokenizer = Qwen2VLTokenizer.from_file(os.path.join(path, "tokenizer.json"))
-        config_path = os.path.join(path, "preprocessor_config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path!r} not found: a Qwen2-VL checkpoint folder ships one")
-        with open(config_path) as f:
-            config = json.load(f)
+        from etils import epath  # local or gs://
+
+        path = epath.Path(path)
+        tokenizer = Qwen2VLTokenizer.from_file(path / "tokenizer.json")
+        config_path = path / "preprocessor_config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{os.fspath(config_path)!r} not found: a Qwen2-VL checkpoint folder ships one")
+        config = json.loads(config_path.read_text())
         image_options = VisionOptions.from_config(config, VisionOptions())
         shared = {k: v for k, v in config.items() if k not in ("size", "min_pixels", "max_pixels")}
         video_options = VisionOptions.from_config(shared, DEFAULT_VIDEO_OPTIONS)
-        video_path = os.path.join(path, "video_preprocessor_config.json")
-        if os.path.isfile(video_path):
-            with open(video_path) as f:
-                video_options = VisionOptions.from_config(json.load(f), video_options)
+        video_path = path / "video_preprocessor_config.json"
+        if video_path.is_file():
+            video_options = VisionOptions.from_config(json.loads(video_path.read_text()), video_options)
         return cls(tokenizer, image_options, video_options)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:

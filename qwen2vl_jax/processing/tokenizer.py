@@ -51,12 +51,15 @@ class Qwen2VLTokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Qwen2VLTokenizer:
         """Load a tokenizer.json (or the one inside a checkpoint folder)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer file not found: {path!r} (a checkpoint folder needs tokenizer.json)")
-        return cls(Tokenizer.from_file(path))
+        from etils import epath  # local or gs://
+
+        path = epath.Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {os.fspath(path)!r} (a checkpoint folder needs "
+                                    "tokenizer.json)")
+        return cls(Tokenizer.from_str(path.read_text()))
 
     def token_to_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)

@@ -1,0 +1,39 @@
+"""Every field a training config has, with its default; configs/NAME.py start from `base()` and change a few.
+
+Override any field from the command line: `--config.optim.learning_rate=1e-5`, `--config.data.pack=False`."""
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.steps = 1000
+    c.stage = "all"  # "vision" (ViT + merger) | "all" | "llm" (LLM + merger, ViT frozen): training.step.STAGES
+    c.mesh = "fsdp=-1"  # mesh axes within a slice (data, fsdp, tensor, sequence; -1 = the rest of the devices)
+    c.dcn_mesh = ""  # axes across slices (multi-slice), e.g. "data=2"
+    c.init_from = ""  # a converted checkpoint folder (qwen2vl-convert; local or gs://); "" = random init from preset
+    c.tokenizer = ""  # folder with tokenizer.json + preprocessor_config.json; "" = init_from's; "demo" = the demo's
+    c.model = ml_collections.ConfigDict(dict(
+        preset="2b",  # used without init_from
+        vocab_size=0,  # 0: the preset's; -1: the tokenizer's size rounded up to 64
+        text={}, vision={},  # preset field overrides, e.g. text=dict(num_hidden_layers=2)
+        dtype="bfloat16", param_dtype="float32", remat="full", scan_layers=True, attention="xla"))
+    c.data = ml_collections.ConfigDict(dict(
+        train="", eval="",  # source specs: jsonl:PATH[?root=DIR] | tfds:NAME[:SPLIT] | PATH.jsonl
+        data_dir="",  # tfds data_dir; "" = WORKDIR/data
+        demo_set={},  # {"train": n, "test": m}: write the synthetic demo set into data_dir when absent
+        batch_size=16,  # global batch (rows)
+        length_buckets=(512, 1024, 2048),  # tokens per row
+        vision_buckets=(4096, 8192, 16384),  # vision patch rows per batch
+        pack=True, truncate=True, shuffle=True, num_epochs=None,  # None: repeat forever
+        workers=8,  # grain worker processes decoding images (0: in the main process)
+        min_pixels=56 * 56, max_pixels=28 * 28 * 1024))
+    c.optim = ml_collections.ConfigDict(dict(learning_rate=1e-5, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.95,
+                                             clip_norm=1.0, grad_accum=1))
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.log_every = 10
+    c.max_nonfinite_steps = 50  # stop when the loss stays NaN/inf this long (each such update is skipped)
+    c.tensorboard = True
+    c.demo_eval = False
+    return c

@@ -1,0 +1,18 @@
+"""Qwen2-VL-2B, everything trainable (stage 2), on one TPU v5e-8 host (8 × 16 GB).
+
+    qwen2vl-train --config configs/qwen2vl_2b_v5e8.py --workdir gs://BUCKET/runs/2b \\
+        --config.init_from=gs://BUCKET/qwen2vl-2b --config.data.train=jsonl:gs://BUCKET/data/train.jsonl
+
+Fit (python -m sharding.plan --preset 2b --mesh fsdp=8 --batch 16 --seq 2048 --remat full, bench/results/plan/
+2b_v5e8.json): 12.9 GB peak per chip of 16 GB, fp32 master params + AdamW state sharded 8 ways, bf16 compute."""
+from configs.common import base
+
+
+def get_config():
+    c = base()
+    c.mesh = "fsdp=8"
+    c.model.update(dict(preset="2b", remat="full", scan_layers=True, dtype="bfloat16", param_dtype="float32"))
+    c.data.update(dict(batch_size=16, length_buckets=(512, 1024, 2048), vision_buckets=(4096, 8192, 16384)))
+    c.optim.update(dict(learning_rate=1e-5, warmup_steps=100))
+    c.steps = 10000
+    return c

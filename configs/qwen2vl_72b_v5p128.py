@@ -1,0 +1,21 @@
+"""Qwen2-VL-72B, LLM + merger trainable with the ViT frozen (stage 3), on a TPU v5p-128 slice (64 chips × 95 GB,
+16 hosts: run the same command on every host, e.g. `gcloud compute tpus tpu-vm ssh NAME --worker=all --command=...`).
+
+    qwen2vl-train --config configs/qwen2vl_72b_v5p128.py --workdir gs://BUCKET/runs/72b \\
+        --config.init_from=gs://BUCKET/qwen2vl-72b --config.data.train=jsonl:gs://BUCKET/data/train.jsonl
+
+Fit (python -m sharding.plan --preset 72b --mesh fsdp=16,tensor=4 --batch 64 --seq 4096 --remat full,
+bench/results/plan/72b_v5p128.json): 86.0 GB peak per chip of 95 GB with every group trainable; stage 3 keeps no
+optimizer state for the ViT, so it sits a little lower."""
+from configs.common import base
+
+
+def get_config():
+    c = base()
+    c.stage = "llm"
+    c.mesh = "fsdp=16,tensor=4"
+    c.model.update(dict(preset="72b", remat="full", scan_layers=True, dtype="bfloat16", param_dtype="float32"))
+    c.data.update(dict(batch_size=64, length_buckets=(1024, 2048, 4096), vision_buckets=(16384, 32768, 65536)))
+    c.optim.update(dict(learning_rate=5e-6, warmup_steps=200))
+    c.steps = 5000
+    return c
