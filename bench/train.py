@@ -4,27 +4,37 @@ Same small Qwen2-VL config (real 151936-token vocabulary, tied LM head), same ra
 activation scale as tests/reference.py / bench/forward.py, converted with `params_from_torch`), same batch,
 float32, 2 threads each:
 
-- batch: 4 samples, each one 224×224 image (grid (1, 16, 16): 256 patch rows → 64 LLM tokens) inside a ChatML-like
-  prompt with 64 text tokens (L = 130 with <vision_start>/<vision_end>); labels = input_ids except the image
-  placeholders (-100), Hugging Face convention (the shift happens inside both losses).
+- tokens: 4 samples, each one 224×224 image (grid (1, 16, 16): 256 patch rows → 64 LLM tokens) inside a ChatML-like
+  prompt with 64 text tokens (L = 130 with <vision_start>/<vision_end>). Two label scenarios on these same tokens
+  (Hugging Face convention: -100 = no loss, the shift happens inside both losses):
+  - `all_text`: labels = input_ids except the image placeholders (260 of the 520 positions predict a target);
+  - `answer_only` (instruction tuning): labels only on the last 16 text tokens of each sample, the "assistant
+    answer" (64 of 520).
 - ours: `jax.jit(partial(train_step, config=, optimizer=make_optimizer(lr, weight_decay=0.1, b1=0.9, b2=0.95,
   clip_norm=1.0)), donate_argnums=0)`, lower + compile timed apart; the cosine schedule spans 10^6 steps, so its
-  lr equals the constant torch lr to 1e-11 relative over the bench.
+  lr equals the constant torch lr to 1e-11 relative over the bench. The headline "ours" batch carries
+  `loss_index` / `loss_targets` from `data_pipeline.batching.loss_positions` (as `qwen2vl-train`'s pipeline adds
+  them), so the LM head runs on K = f·B·L rows only (f the smallest of (0.125, 0.5, 1) holding every target);
+  "ours, full head" is the same step on the batch without them (the head on all B·L rows).
 - transformers: `Qwen2VLForConditionalGeneration` (sdpa, train mode, no dropout in Qwen2-VL) →
   `model(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels).loss.backward()`,
   `clip_grad_norm_(1.0)`, `torch.optim.AdamW(lr, betas=(0.9, 0.95), weight_decay=0.1)` (defaults otherwise: the
   per-tensor loop, as foreach defaults to off on CPU tensors), `zero_grad()`.
 
-Steps of both sides alternate (one ours, one torch) so a load change hits both alike; `--warmup` steps each are
-excluded, then `--repeats` steps each are timed; median step time, tokens/s (B·L / step), ratio = torch / ours.
-Both models train on the same batch from the same init, so the loss of every step must agree (the first one proves
-the same forward; the later ones the same backward + optimizer); the grad norm of step 1 is compared too.
+Per scenario, the three steps (ours, ours full head, torch) alternate, each from the same initial weights and a fresh
+optimizer, so a load change hits all alike; `--warmup` steps each are excluded, then `--repeats` steps each are
+timed; median step time, tokens/s (B·L / step), ratio = torch / ours. All three train on the same batch from the
+same init, so the loss of every step must agree (the first one proves the same forward; the later ones the same
+backward + optimizer): ours with vs without the selection to ~1e-6, ours vs torch likewise; the grad norm of step 1
+is compared too.
 
-Breakdown (`--no-breakdown` to skip), measured rather than guessed: ours forward-only (jitted loss, no grad), ours
-forward + backward (jitted value_and_grad of the same loss) and the full step; transformers forward-only under
-no_grad, and per phase of its timed training steps (forward with autograd, backward, clip, AdamW + zero_grad).
-Also the what-if of computing the head only on the rows whose next token is labelled (here 260 of 516: the image
-placeholders carry no label), which training/step.py does not do today. `--bf16`: also ours with bfloat16 compute over float32 master params (dtype bfloat16, param_dtype float32).
+Breakdown on `all_text` (`--no-breakdown` to skip), measured rather than guessed: ours forward-only (jitted loss, no
+grad) and forward + backward (jitted value_and_grad of the same loss), each with and without the selection;
+transformers forward-only under no_grad and forward + backward; per phase of torch's timed training steps (forward
+with autograd, backward, clip, AdamW + zero_grad); and the tied LM head + cross-entropy alone (fwd + bwd into random
+hidden states and the embedding): all B·L rows, ours and torch, and ours via `training.step.selected_cross_entropy`
+on the selected rows of each scenario. `--bf16`: also ours (selection on) with bfloat16 compute over float32 master
+params (dtype bfloat16, param_dtype float32).
 
 Threads: as bench/forward.py (NPROC=2 sizes XLA:CPU's intra-op pool, torch.set_num_threads(2)). Every timing
 records cpu_use = process CPU s / wall s (≈ 2 when uncontended). Another process on the 2 cores inflates a time
@@ -32,8 +42,8 @@ records cpu_use = process CPU s / wall s (≈ 2 when uncontended). Another proce
 had cpu_use >= `--min-cpu-use` (1.7); up to `--max-extra-rounds` contended rounds per group are dropped and
 counted in `contended_rounds_dropped`, after which rounds are kept whatever their cpu_use (look at cpu_use then).
 
-    python bench/train.py [--repeats 5] [--warmup 2] [--batch 4] [--bf16] [--no-breakdown] [--skip-torch]
-                          [--min-cpu-use 1.7] [--max-extra-rounds 4]
+    python bench/train.py [--repeats 5] [--warmup 2] [--batch 4] [--answer-tokens 16] [--bf16] [--no-breakdown]
+                          [--skip-torch] [--min-cpu-use 1.7] [--max-extra-rounds 4]
 
 Writes bench/results/train.json (`--out`).
 """
@@ -54,17 +64,20 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from data_pipeline.batching import BatchLayout, loss_positions  # noqa: E402
 from qwen2vl_jax import Qwen2VLConfig, TextConfig, VisionConfig, prepare_inputs  # noqa: E402
-from training.step import IGNORE, init_state, loss_fn, make_optimizer, train_step  # noqa: E402
+from training.step import (IGNORE, cross_entropy, init_state, loss_fn, make_optimizer,  # noqa: E402
+                           selected_cross_entropy, train_step)
 
 THREADS = fw.THREADS
 GRID = (1, 16, 16)  # 224×224 → 256 patch rows → 64 LLM tokens
 TEXT_BEFORE, TEXT_AFTER = 16, 48  # 64 text tokens per sample
 LR, BETAS, WEIGHT_DECAY, CLIP = 1e-5, (0.9, 0.95), 0.1, 1.0
+FRACTIONS = BatchLayout.loss_fractions  # what the training pipeline uses: (0.125, 0.5, 1.0)
+SCENARIOS = ("all_text", "answer_only")
 log = fw.log
 
 CONFIG = Qwen2VLConfig(
@@ -74,15 +87,9 @@ CONFIG = Qwen2VLConfig(
                     tie_word_embeddings=True))
 
 
-def loss_from_logits(logits, labels):
-    """Mean next-token cross-entropy (training/step.py's `cross_entropy`, divided by the labelled count)."""
-    from training.step import cross_entropy
-    total, count = cross_entropy(logits, labels)
-    return total / jnp.maximum(count, 1)
-
-
 def make_batch(cfg, batch, rng):
-    """→ numpy dict: input_ids, attention_mask, labels int64[B, L]; pixel_values float32[B·256, 1176]; grids."""
+    """→ numpy dict: input_ids, attention_mask, labels int64[B, L]; pixel_values float32[B·256, 1176]; grids.
+    labels: the `all_text` scenario (every token but the image placeholders)."""
     text = lambda n: rng.integers(0, 151000, n).tolist()
     tokens = int(np.prod(GRID)) // cfg.vision.spatial_merge_size**2
     rows = []
@@ -98,12 +105,27 @@ def make_batch(cfg, batch, rng):
                 image_grid_thw=np.array([GRID] * batch, np.int64))
 
 
-def jax_batch(cfg, b):
+def answer_only(cfg, b, n):
+    """The same batch with labels only on the last `n` text tokens of each sample (the "assistant answer")."""
+    labels = np.full_like(b["labels"], IGNORE)
+    is_text = (b["input_ids"] != cfg.image_token_id) & (b["attention_mask"] > 0)
+    for r in range(len(labels)):
+        cols = np.flatnonzero(is_text[r])[-n:]
+        labels[r, cols] = b["input_ids"][r, cols]
+    return dict(b, labels=labels)
+
+
+def jax_batch(cfg, b, select):
+    """→ the batch dict train_step / loss_fn take; select: add loss_index / loss_targets (the LM head on the
+    labelled rows only), as data_pipeline.batching does."""
     prepared = prepare_inputs(cfg, b["input_ids"], b["attention_mask"], b["image_grid_thw"],
                               image_rows=len(b["pixel_values"]))
-    return {"input_ids": jnp.asarray(b["input_ids"], jnp.int32), "labels": jnp.asarray(b["labels"], jnp.int32),
-            "prepared": {k: jnp.asarray(v) for k, v in prepared.items()},
-            "vision_pixels": jnp.asarray(b["pixel_values"])}
+    out = {"input_ids": jnp.asarray(b["input_ids"], jnp.int32), "labels": jnp.asarray(b["labels"], jnp.int32),
+           "prepared": {k: jnp.asarray(v) for k, v in prepared.items()},
+           "vision_pixels": jnp.asarray(b["pixel_values"])}
+    if select:
+        out.update({k: jnp.asarray(v) for k, v in loss_positions(b["labels"], b["attention_mask"], FRACTIONS).items()})
+    return out
 
 
 def torch_kwargs(cfg, b):
@@ -157,11 +179,17 @@ class Timer:
         return keep, dropped
 
 
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per side (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (after compiling)")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--answer-tokens", type=int, default=16,
+                        help="answer_only scenario: labelled text tokens at the end of each sample")
     parser.add_argument("--min-cpu-use", type=float, default=1.7,
                         help="a timed round counts only if every call in it used >= this many cores' CPU time")
     parser.add_argument("--max-extra-rounds", type=int, default=4,
@@ -175,19 +203,33 @@ def main():
     args = parser.parse_args()
     cfg = CONFIG
     rng = np.random.default_rng(args.seed)
-    b = make_batch(cfg, args.batch, rng)
-    B, L = b["input_ids"].shape
+    b_all = make_batch(cfg, args.batch, rng)
+    nb = {"all_text": b_all, "answer_only": answer_only(cfg, b_all, args.answer_tokens)}
+    B, L = b_all["input_ids"].shape
     tokens = B * L
 
+    scen_info = {}
+    for name, b in nb.items():
+        pos = loss_positions(b["labels"], b["attention_mask"], FRACTIONS)
+        targets = int((pos["loss_targets"] != IGNORE).sum())
+        assert targets == int((b["labels"][:, 1:] != IGNORE).sum())
+        scen_info[name] = dict(
+            labels=("input_ids except the image placeholders" if name == "all_text" else
+                    f"the last {args.answer_tokens} text tokens of each sample only (assistant answer)"),
+            targets=targets, labelled_fraction=targets / tokens, head_rows_selected=len(pos["loss_index"]),
+            head_fraction_selected=len(pos["loss_index"]) / tokens, head_rows_full=tokens)
     results = dict(
         bench="train",
         model="small Qwen2-VL (vision depth 4, embed 256, 4 heads; text hidden 512, 4 layers, 8 heads / 2 kv, "
               "intermediate 1536, vocab 151936, tied LM head), random weights (unit-scale redraw)",
         config=cfg.to_hf_dict(),
         input=dict(batch=B, sequence_length=L, tokens_per_step=tokens, image="224x224 per sample",
-                   grid_thw=list(GRID), vision_patch_rows=len(b["pixel_values"]),
+                   grid_thw=list(GRID), vision_patch_rows=len(b_all["pixel_values"]),
                    llm_image_tokens_per_sample=int(np.prod(GRID)) // 4, text_tokens_per_sample=TEXT_BEFORE + TEXT_AFTER,
-                   labelled_tokens=int((b["labels"][:, 1:] != IGNORE).sum())),
+                   loss_fractions=list(FRACTIONS),
+                   note="labelled_fraction = positions whose next token is a target / (B·L); the selected head runs "
+                        "on head_rows_selected = f·B·L rows (training.step.selected_cross_entropy)"),
+        scenarios=scen_info,
         optimizer=dict(kind="AdamW after global-norm clipping", lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY,
                        eps=1e-8, clip_norm=CLIP, ours="training.step.make_optimizer (cosine over 1e6 steps)",
                        torch="torch.optim.AdamW defaults (foreach off on CPU) + clip_grad_norm_"),
@@ -204,12 +246,15 @@ def main():
                      loadavg_at_start=os.getloadavg(),
                      note=f"{os.cpu_count()}-core VM, possibly shared with other processes: compare timings only "
                           "where cpu_use is near the thread count (2.0)"),
-        timings={}, compile_s={}, losses={})
+        timings={}, compile_s={}, losses={}, loss_check={}, contended_rounds_dropped={})
     timings = results["timings"]
+    for name, info in scen_info.items():
+        log(f"scenario {name}: {info['targets']} targets of {tokens} positions ({info['labelled_fraction']:.3f}); "
+            f"selected head rows {info['head_rows_selected']}")
 
     def record(key, entry):
         timings[key] = entry
-        log(f"{key:34s} median {entry['median_s']:7.3f} s  (calls {', '.join(f'{x:.3f}' for x in entry['times_s'])}; "
+        log(f"{key:44s} median {entry['median_s']:7.3f} s  (calls {', '.join(f'{x:.3f}' for x in entry['times_s'])}; "
             f"cpu use {entry['cpu_use']}, load {entry['loadavg_1m']:.1f})")
 
     # ------------------------------------------------ weights: the transformers model, converted to ours
@@ -227,123 +272,159 @@ def main():
     if args.skip_torch:
         del model
         model = None
+    else:
+        model.train()
+        torch_init = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    # ------------------------------------------------ ours: compile
-    batch = jax_batch(cfg, b)
     opt = make_optimizer(LR, warmup_steps=0, total_steps=10**6, weight_decay=WEIGHT_DECAY, b1=BETAS[0],
                          b2=BETAS[1], clip_norm=CLIP)
+    executables = {}
 
-    def compile_step(config, params_):
-        state = init_state(params_, opt)
-        jitted = jax.jit(functools.partial(train_step, config=config, optimizer=opt), donate_argnums=0)
-        t0 = time.perf_counter()
-        exe = jitted.lower(state, batch).compile()
-        return exe, state, time.perf_counter() - t0
-
-    # copy: the step donates its state, and the breakdown below needs the initial params again
-    step_exe, jstate, results["compile_s"]["ours/float32/train_step"] = compile_step(
-        cfg, jax.tree_util.tree_map(jnp.copy, params))
-    log(f"compiled our train step in {results['compile_s']['ours/float32/train_step']:.1f} s")
-
-    # ------------------------------------------------ torch: model and optimizer
-    if model is not None:
-        model.train()
-        kw = torch_kwargs(cfg, b)
-        topt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
-        results["optimizer"]["torch_foreach"] = topt.defaults.get("foreach")
+    def compile_step(config, batch, key):
+        """Jitted train step for `batch`'s shapes (cached by key) and a fresh state from the initial params."""
+        state = init_state(jax.tree_util.tree_map(jnp.copy, params), opt)  # the step donates its state
+        if key not in executables:
+            jitted = jax.jit(functools.partial(train_step, config=config, optimizer=opt), donate_argnums=0)
+            t0 = time.perf_counter()
+            executables[key] = jitted.lower(state, batch).compile()
+            results["compile_s"][key] = time.perf_counter() - t0
+            log(f"compiled {key} in {results['compile_s'][key]:.1f} s")
+        return executables[key], state
 
     timer = Timer()
-    ours_losses, torch_losses, ours_gn, torch_gn = [], [], [], []
+    jbatches = {}
+    for name in SCENARIOS:
+        b = nb[name]
+        jsel, jfull = jax_batch(cfg, b, select=True), jax_batch(cfg, b, select=False)
+        jbatches[name] = (jsel, jfull)
+        K = scen_info[name]["head_rows_selected"]
+        # the full-head batch has the same shapes in both scenarios, so its executable is shared
+        exes = {"ours": compile_step(cfg, jsel, f"ours/train_step/head_rows_{K}"),
+                "ours_full_head": compile_step(cfg, jfull, "ours/train_step/full_head")}
+        batches = {"ours": jsel, "ours_full_head": jfull}
+        states = {k: v[1] for k, v in exes.items()}
+        losses = {k: [] for k in ("ours", "ours_full_head", "torch")}
+        gnorm = {k: [] for k in losses}
 
-    def ours_step():
-        nonlocal jstate
-        jstate, metrics = step_exe(jstate, batch)
-        metrics = jax.device_get(metrics)  # blocks until the step is done
-        ours_losses.append(float(metrics["loss"]))
-        ours_gn.append(float(metrics["grad_norm"]))
+        def ours_step(who, exe):
+            states[who], metrics = exe(states[who], batches[who])
+            metrics = jax.device_get(metrics)  # blocks until the step is done
+            losses[who].append(float(metrics["loss"]))
+            gnorm[who].append(float(metrics["grad_norm"]))
 
-    def torch_step():
-        t0 = time.perf_counter()
-        loss = model(**kw).loss
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        t3 = time.perf_counter()
-        topt.step()
-        topt.zero_grad()
-        t4 = time.perf_counter()
-        torch_losses.append(float(loss.detach()))
-        torch_gn.append(float(gn))
-        for name, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("clip", t3 - t2), ("adamw+zero_grad", t4 - t3)):
-            timer.wall.setdefault(f"torch/float32/phase/{name}", []).append(dt)
+        step_fns = {f"{name}/ours/train_step": functools.partial(ours_step, "ours", exes["ours"][0]),
+                    f"{name}/ours_full_head/train_step": functools.partial(ours_step, "ours_full_head",
+                                                                           exes["ours_full_head"][0])}
+        if model is not None:
+            model.load_state_dict(torch_init)
+            model.zero_grad(set_to_none=True)
+            kw = torch_kwargs(cfg, b)
+            topt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+            results["optimizer"]["torch_foreach"] = topt.defaults.get("foreach")
 
-    log(f"training steps: {args.warmup} warm-up + {args.repeats} timed per side, alternating")
-    step_fns = {"ours/float32/train_step": ours_step}
-    if model is not None:
-        step_fns["torch/float32/train_step"] = torch_step
-    keep, dropped = timer.rounds(step_fns, args.warmup, args.repeats, args.min_cpu_use, args.max_extra_rounds)
-    results["contended_rounds_dropped"] = {"train_step": dropped}
-    for key in step_fns:
-        record(key, timer.entry(key, keep))
+            def torch_step():
+                t0 = time.perf_counter()
+                loss = model(**kw).loss
+                t1 = time.perf_counter()
+                loss.backward()
+                t2 = time.perf_counter()
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+                t3 = time.perf_counter()
+                topt.step()
+                topt.zero_grad()
+                t4 = time.perf_counter()
+                losses["torch"].append(float(loss.detach()))
+                gnorm["torch"].append(float(gn))
+                for ph, dt in (("forward", t1 - t0), ("backward", t2 - t1), ("clip", t3 - t2),
+                               ("adamw+zero_grad", t4 - t3)):
+                    timer.wall.setdefault(f"{name}/torch/phase/{ph}", []).append(dt)
+            step_fns[f"{name}/torch/train_step"] = torch_step
+
+        log(f"[{name}] training steps: {args.warmup} warm-up + {args.repeats} timed per side, alternating "
+            f"({', '.join(step_fns)})")
+        keep, results["contended_rounds_dropped"][f"{name}/train_step"] = timer.rounds(
+            step_fns, args.warmup, args.repeats, args.min_cpu_use, args.max_extra_rounds)
+        for key in step_fns:
+            record(key, timer.entry(key, keep))
+        if model is not None:
+            results.setdefault("torch_phases_median_s", {})[name] = {
+                k.rsplit("/", 1)[1]: statistics.median(v[i] for i in keep) for k, v in timer.wall.items()
+                if k.startswith(f"{name}/torch/phase/")}
+            log(f"[{name}] torch phases (median s): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in results["torch_phases_median_s"][name].items()))
+        results["losses"][name] = dict(loss={k: v for k, v in losses.items() if v},
+                                       grad_norm={k: v for k, v in gnorm.items() if v})
+        o, f, t = losses["ours"], losses["ours_full_head"], losses["torch"]
+        check = dict(first_step_ours=o[0], first_step_ours_full_head=f[0],
+                     selected_vs_full_head_first_step_rel=rel(o[0], f[0]),
+                     selected_vs_full_head_max_rel_all_steps=max(rel(a, c) for a, c in zip(o, f)),
+                     grad_norm_first_step_ours=gnorm["ours"][0],
+                     grad_norm_first_step_ours_full_head=gnorm["ours_full_head"][0],
+                     grad_norm_selected_vs_full_head_rel=rel(gnorm["ours"][0], gnorm["ours_full_head"][0]))
+        if t:
+            check.update(first_step_torch=t[0], ours_vs_torch_first_step_rel=rel(o[0], t[0]),
+                         ours_vs_torch_max_rel_all_steps=max(rel(a, c) for a, c in zip(o, t)),
+                         grad_norm_first_step_torch=gnorm["torch"][0],
+                         grad_norm_ours_vs_torch_rel=rel(gnorm["ours"][0], gnorm["torch"][0]))
+        results["loss_check"][name] = check
+        log(f"[{name}] loss ours (selected head) {o[0]:.7f} vs ours full head {f[0]:.7f} (rel "
+            f"{check['selected_vs_full_head_first_step_rel']:.1e}; max over steps "
+            f"{check['selected_vs_full_head_max_rel_all_steps']:.1e})"
+            + (f" vs torch {t[0]:.7f} (rel {check['ours_vs_torch_first_step_rel']:.1e}; max over steps "
+               f"{check['ours_vs_torch_max_rel_all_steps']:.1e}); grad norm ours {gnorm['ours'][0]:.4f}, full "
+               f"head {gnorm['ours_full_head'][0]:.4f}, torch {gnorm['torch'][0]:.4f}" if t else ""))
+        del states, exes
+    executables.clear()
     results["settings"]["xla_pool_threads"] = fw.xla_pool_threads()
-    if model is not None:
-        results["torch_phases_median_s"] = {
-            k.rsplit("/", 1)[1]: statistics.median(v[i] for i in keep) for k, v in timer.wall.items()
-            if k.startswith("torch/float32/phase/")}
-        log("torch phases (median s): " + ", ".join(f"{k} {v:.3f}" for k, v in
-                                                    results["torch_phases_median_s"].items()))
-    results["losses"] = dict(ours=ours_losses, torch=torch_losses, ours_grad_norm=ours_gn, torch_grad_norm=torch_gn)
-    if torch_losses:
-        rel = [abs(a - t) / abs(t) for a, t in zip(ours_losses, torch_losses)]
-        results["loss_check"] = dict(
-            first_step_ours=ours_losses[0], first_step_torch=torch_losses[0], first_step_rel_diff=rel[0],
-            max_rel_diff_all_steps=max(rel), first_step_grad_norm_ours=ours_gn[0],
-            first_step_grad_norm_torch=torch_gn[0], grad_norm_rel_diff=abs(ours_gn[0] - torch_gn[0]) / torch_gn[0])
-        log(f"loss check: {results['loss_check']}")
-    del jstate, step_exe
 
-    # ------------------------------------------------ breakdown: forward only, forward + backward, LM head alone
+    # ------------------------------------------------ breakdown (all_text): forward, forward + backward, LM head
     if not args.no_breakdown:
         fns = {}
+        jsel, jfull = jbatches["all_text"]
         loss_only = jax.jit(lambda p, bt: loss_fn(p, bt, cfg)[0])
         grad_only = jax.jit(lambda p, bt: jax.value_and_grad(lambda q: loss_fn(q, bt, cfg)[0])(p))
-        for key, fn in (("ours/float32/forward", loss_only), ("ours/float32/forward_backward", grad_only)):
+        for key, fn, bt in (("all_text/ours/forward", loss_only, jsel),
+                            ("all_text/ours_full_head/forward", loss_only, jfull),
+                            ("all_text/ours/forward_backward", grad_only, jsel),
+                            ("all_text/ours_full_head/forward_backward", grad_only, jfull)):
             t0 = time.perf_counter()
-            exe = fn.lower(params, batch).compile()
+            exe = fn.lower(params, bt).compile()
             results["compile_s"][key] = time.perf_counter() - t0
-            fns[key] = lambda exe=exe: jax.block_until_ready(exe(params, batch))
-        # The tied LM head + cross-entropy alone (forward + backward into hidden states and the embedding): the
-        # [B·L, 512] x [512, 151936] products are most of the step's FLOPs.
+            fns[key] = lambda exe=exe, bt=bt: jax.block_until_ready(exe(params, bt))
+        # The tied LM head + cross-entropy alone (forward + backward into hidden states and the embedding): on all
+        # B·L rows the [B·L, 512] x [512, 151936] products are most of the step's FLOPs.
         rng_h = np.random.default_rng(1)
-        hidden = rng_h.standard_normal((B, L, cfg.text.hidden_size)).astype(np.float32)
-        embed = np.asarray(params["language_model"]["embed_tokens"])
-        labels = b["labels"]
+        hidden = jnp.asarray(rng_h.standard_normal((B, L, cfg.text.hidden_size)).astype(np.float32))
+        embed_np = np.asarray(params["language_model"]["embed_tokens"])
+        embed = jnp.asarray(embed_np)
+        labels = b_all["labels"]
 
-        def head_loss(h, e, lab):
-            logits = jnp.einsum("bld,vd->blv", h, e)
-            return loss_from_logits(logits, lab)
-        head_exe = jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1))).lower(
-            jnp.asarray(hidden), jnp.asarray(embed), jnp.asarray(labels, jnp.int32)).compile()
-        head_args = (jnp.asarray(hidden), jnp.asarray(embed), jnp.asarray(labels, jnp.int32))
-        fns["ours/float32/lm_head_fwd_bwd"] = lambda: jax.block_until_ready(head_exe(*head_args))
-        # What-if: the head only on the rows whose next token is labelled (static count; half the rows here are
-        # image placeholders, whose logits the loss ignores), gather + scatter included.
-        rows = np.flatnonzero((labels[:, 1:] != IGNORE).reshape(-1))
-        src = (rows // (L - 1)) * L + rows % (L - 1)  # row of h[:, :-1] in the flattened [B·L, D]
-        targets = labels[:, 1:].reshape(-1)[rows]
+        def head_full(h, e, lab):
+            total, count = cross_entropy(jnp.einsum("bld,vd->blv", h, e), lab)
+            return total / jnp.maximum(count, 1)
 
-        def head_loss_labelled(h, e, idx, tgt):
-            hs = jnp.take(h.reshape(-1, h.shape[-1]), idx, axis=0)
-            return optax.softmax_cross_entropy_with_integer_labels(hs @ e.T, tgt).mean()
-        sel_args = (head_args[0], head_args[1], jnp.asarray(src, jnp.int32), jnp.asarray(targets, jnp.int32))
-        sel_exe = jax.jit(jax.value_and_grad(head_loss_labelled, argnums=(0, 1))).lower(*sel_args).compile()
-        fns["ours/float32/lm_head_labelled_rows_only"] = lambda: jax.block_until_ready(sel_exe(*sel_args))
-        results["lm_head_labelled_rows"] = int(len(rows))
-        full_loss = float(head_exe(*head_args)[0])
-        sel_loss = float(sel_exe(*sel_args)[0])
-        assert abs(full_loss - sel_loss) <= 1e-5 * abs(full_loss), (full_loss, sel_loss)
+        def head_selected(h, e, idx, tgt):
+            total, count = selected_cross_entropy(h, lambda x: x @ e.T, idx, tgt)
+            return total / jnp.maximum(count, 1)
+        full_args = (hidden, embed, jnp.asarray(labels, jnp.int32))
+        full_exe = jax.jit(jax.value_and_grad(head_full, argnums=(0, 1))).lower(*full_args).compile()
+        fns["all_text/ours_full_head/lm_head_fwd_bwd"] = lambda: jax.block_until_ready(full_exe(*full_args))
+        head_losses = {"full_head": float(full_exe(*full_args)[0])}
+        sel_exes = {}
+        for name in SCENARIOS:
+            pos = loss_positions(nb[name]["labels"], nb[name]["attention_mask"], FRACTIONS)
+            sargs = (hidden, embed, jnp.asarray(pos["loss_index"]), jnp.asarray(pos["loss_targets"]))
+            sel_exes[name] = jax.jit(jax.value_and_grad(head_selected, argnums=(0, 1))).lower(*sargs).compile()
+            fns[f"{name}/ours/lm_head_fwd_bwd"] = lambda exe=sel_exes[name], a=sargs: jax.block_until_ready(exe(*a))
+            head_losses[f"{name}/selected"] = float(sel_exes[name](*sargs)[0])
+        head_losses["answer_only/full_head"] = float(full_exe(hidden, embed, jnp.asarray(nb["answer_only"]["labels"],
+                                                                                          jnp.int32))[0])
+        results["lm_head_alone_losses"] = head_losses
+        assert rel(head_losses["all_text/selected"], head_losses["full_head"]) < 1e-5, head_losses
+        assert rel(head_losses["answer_only/selected"], head_losses["answer_only/full_head"]) < 1e-5, head_losses
         if model is not None:
+            kw = torch_kwargs(cfg, b_all)
+
             def torch_forward():
                 with torch.no_grad():
                     return float(model(**kw).loss)
@@ -353,8 +434,8 @@ def main():
                 loss.backward()
                 model.zero_grad()
                 return float(loss.detach())
-            th = torch.from_numpy(hidden).requires_grad_()
-            te = torch.from_numpy(embed.copy()).requires_grad_()
+            th = torch.from_numpy(np.asarray(hidden)).requires_grad_()
+            te = torch.from_numpy(embed_np.copy()).requires_grad_()
             tl = torch.from_numpy(labels)
 
             def torch_head():
@@ -364,68 +445,83 @@ def main():
                 loss.backward()
                 th.grad = te.grad = None
                 return float(loss.detach())
-            fns["torch/float32/forward_no_grad"] = torch_forward
-            fns["torch/float32/forward_backward"] = torch_forward_backward
-            fns["torch/float32/lm_head_fwd_bwd"] = torch_head
+            fns["all_text/torch/forward_no_grad"] = torch_forward
+            fns["all_text/torch/forward_backward"] = torch_forward_backward
+            fns["all_text/torch/lm_head_fwd_bwd"] = torch_head
         log("breakdown: " + ", ".join(fns) + " (alternating rounds)")
         keep, results["contended_rounds_dropped"]["breakdown"] = timer.rounds(
             fns, 1, args.repeats, args.min_cpu_use, args.max_extra_rounds)
         for key in fns:
             record(key, timer.entry(key, keep))
-        results["lm_head_flop"] = 3 * 2 * B * L * cfg.text.hidden_size * cfg.text.vocab_size
-        del fns, head_exe, sel_exe
+        results["lm_head_flop"] = {
+            "full_head": 3 * 2 * B * L * cfg.text.hidden_size * cfg.text.vocab_size,
+            **{f"{n}/selected": 3 * 2 * scen_info[n]["head_rows_selected"] * cfg.text.hidden_size
+               * cfg.text.vocab_size for n in SCENARIOS}}
+        del fns, full_exe, sel_exes
 
     # ------------------------------------------------ optional: bf16 compute, float32 master params
     if args.bf16:
         cfg16 = cfg.replace(dtype="bfloat16", param_dtype="float32")
-        exe16, state16, results["compile_s"]["ours/bf16_compute/train_step"] = compile_step(
-            cfg16, jax.tree_util.tree_map(jnp.copy, params))
+        jsel = jbatches["all_text"][0]
+        state16 = init_state(jax.tree_util.tree_map(jnp.copy, params), opt)
+        t0 = time.perf_counter()
+        exe16 = jax.jit(functools.partial(train_step, config=cfg16, optimizer=opt), donate_argnums=0).lower(
+            state16, jsel).compile()
+        results["compile_s"]["ours_bf16_compute/train_step"] = time.perf_counter() - t0
         losses16 = []
 
         def step16():
             nonlocal state16
-            state16, m = exe16(state16, batch)
+            state16, m = exe16(state16, jsel)
             losses16.append(float(jax.device_get(m["loss"])))
-        keep, results["contended_rounds_dropped"]["bf16"] = timer.rounds(
-            {"ours/bf16_compute/train_step": step16}, args.warmup, args.repeats, args.min_cpu_use,
+        keep, results["contended_rounds_dropped"]["all_text/bf16"] = timer.rounds(
+            {"all_text/ours_bf16_compute/train_step": step16}, args.warmup, args.repeats, args.min_cpu_use,
             args.max_extra_rounds)
-        record("ours/bf16_compute/train_step", timer.entry("ours/bf16_compute/train_step", keep))
-        results["losses"]["ours_bf16_compute"] = losses16
+        record("all_text/ours_bf16_compute/train_step", timer.entry("all_text/ours_bf16_compute/train_step", keep))
+        results["losses"]["all_text"]["loss"]["ours_bf16_compute"] = losses16
         del exe16, state16
 
     summarize(results, tokens)
     fw.write_results(results, args.out, fw.T0, print_table)
 
 
-PAIRS = (("train step (fwd+bwd+clip+AdamW)", "ours/float32/train_step", "torch/float32/train_step"),
-         ("train step, ours bf16 compute", "ours/bf16_compute/train_step", "torch/float32/train_step"),
-         ("forward + backward (no optimizer)", "ours/float32/forward_backward", "torch/float32/forward_backward"),
-         ("forward only (loss, no grad)", "ours/float32/forward", "torch/float32/forward_no_grad"),
-         ("LM head + CE alone, fwd+bwd", "ours/float32/lm_head_fwd_bwd", "torch/float32/lm_head_fwd_bwd"),
-         ("  same, labelled rows only (what-if)", "ours/float32/lm_head_labelled_rows_only",
-          "torch/float32/lm_head_fwd_bwd"))
-
-
 def summarize(results, tokens):
     tm = {k: v["median_s"] for k, v in results["timings"].items()}
     cpu = {k: v["cpu_use"] for k, v in results["timings"].items()}
     rows = []
-    for label, ours, ref in PAIRS:
-        if ours in tm:
-            rows.append(dict(measurement=label, ours_s=tm[ours], torch_s=tm.get(ref),
-                             ours_tokens_per_s=tokens / tm[ours],
-                             torch_tokens_per_s=tokens / tm[ref] if ref in tm else None,
-                             ratio_torch_over_ours=tm[ref] / tm[ours] if ref in tm else None,
-                             cpu_use_ours=cpu[ours], cpu_use_torch=cpu.get(ref)))
+    for name in SCENARIOS:
+        info = results["scenarios"][name]
+        o, f, t = (tm.get(f"{name}/{who}/train_step") for who in ("ours", "ours_full_head", "torch"))
+        rows.append(dict(
+            scenario=name, labelled_fraction=info["labelled_fraction"], targets=info["targets"],
+            head_rows_selected=info["head_rows_selected"], ours_s=o, ours_full_head_s=f, torch_s=t,
+            ratio_torch_over_ours=t / o if t else None, ratio_torch_over_ours_full_head=t / f if t else None,
+            selection_speedup=f / o, ours_tokens_per_s=tokens / o, torch_tokens_per_s=tokens / t if t else None,
+            cpu_use=dict(ours=cpu[f"{name}/ours/train_step"], ours_full_head=cpu[f"{name}/ours_full_head/train_step"],
+                         torch=cpu.get(f"{name}/torch/train_step"))))
     results["table"] = rows
-    if "torch/float32/train_step" in tm:
-        results["ratio_torch_over_ours_train_step"] = tm["torch/float32/train_step"] / tm["ours/float32/train_step"]
-    if "ours/float32/forward_backward" in tm:
-        step, fb, f = tm["ours/float32/train_step"], tm["ours/float32/forward_backward"], tm["ours/float32/forward"]
-        results["ours_phases_median_s"] = dict(forward=f, backward=fb - f, optimizer_and_rest=step - fb)
-    if "ours/float32/lm_head_fwd_bwd" in tm:
-        results["lm_head_gflop_per_s"] = {who: results["lm_head_flop"] / tm[f"{who}/float32/lm_head_fwd_bwd"] / 1e9
-                                          for who in ("ours", "torch") if f"{who}/float32/lm_head_fwd_bwd" in tm}
+    if "all_text/torch/train_step" in tm:
+        results["ratio_torch_over_ours_train_step"] = {r["scenario"]: r["ratio_torch_over_ours"] for r in rows}
+    if "all_text/ours/forward_backward" in tm:
+        bd = {}
+        for who in ("ours", "ours_full_head"):
+            step, fb, fwd = (tm[f"all_text/{who}/{k}"] for k in ("train_step", "forward_backward", "forward"))
+            bd[who] = dict(forward=fwd, backward=fb - fwd, optimizer_and_rest=step - fb,
+                           lm_head_fwd_bwd=tm[f"all_text/{who}/lm_head_fwd_bwd"],
+                           lm_head_share_of_fwd_bwd=tm[f"all_text/{who}/lm_head_fwd_bwd"] / fb)
+        if "all_text/torch/forward_backward" in tm:
+            fb = tm["all_text/torch/forward_backward"]
+            bd["torch"] = dict(forward_no_grad=tm["all_text/torch/forward_no_grad"], forward_backward=fb,
+                               lm_head_fwd_bwd=tm["all_text/torch/lm_head_fwd_bwd"],
+                               lm_head_share_of_fwd_bwd=tm["all_text/torch/lm_head_fwd_bwd"] / fb)
+        results["breakdown_all_text_s"] = bd
+        flop = results["lm_head_flop"]
+        results["lm_head_gflop_per_s"] = {
+            "ours_full_head": flop["full_head"] / tm["all_text/ours_full_head/lm_head_fwd_bwd"] / 1e9,
+            **{f"ours_selected/{n}": flop[f"{n}/selected"] / tm[f"{n}/ours/lm_head_fwd_bwd"] / 1e9
+               for n in SCENARIOS},
+            **({"torch": flop["full_head"] / tm["all_text/torch/lm_head_fwd_bwd"] / 1e9}
+               if "all_text/torch/lm_head_fwd_bwd" in tm else {})}
 
 
 def print_table(results):
@@ -434,24 +530,32 @@ def print_table(results):
           f"({inp['tokens_per_step']} tokens, 224x224 image each), float32, CPU, {results['settings']['threads']} "
           f"threads; median of {results['settings']['repeats']}")
     fmt = lambda x, w, p=3: f"{x:{w}.{p}f}" if isinstance(x, (int, float)) else f"{'-':>{w}s}"
-    print(f"{'measurement':36s} {'ours s':>7s} {'torch s':>7s} {'ratio':>6s} {'ours tok/s':>10s} "
-          f"{'torch tok/s':>11s} {'cpu use o/t':>11s}")
+    print(f"{'scenario':12s} {'labelled':>8s} {'head rows':>9s} {'ours s':>7s} {'full-head s':>11s} {'torch s':>7s} "
+          f"{'torch/ours':>10s} {'torch/full':>10s} {'full/ours':>9s} {'cpu use o/f/t':>15s}")
     for r in results["table"]:
-        print(f"{r['measurement']:36s} {fmt(r['ours_s'], 7)} {fmt(r['torch_s'], 7)} "
-              f"{fmt(r['ratio_torch_over_ours'], 6, 2)} {fmt(r['ours_tokens_per_s'], 10, 0)} "
-              f"{fmt(r['torch_tokens_per_s'], 11, 0)} {fmt(r['cpu_use_ours'], 5, 2)}/{fmt(r['cpu_use_torch'], 5, 2)}")
-    print("ratio = torch / ours (> 1: ours faster)")
-    if "ours_phases_median_s" in results:
-        print("ours phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in results["ours_phases_median_s"].items()))
+        c = r["cpu_use"]
+        print(f"{r['scenario']:12s} {fmt(r['labelled_fraction'], 8)} {r['head_rows_selected']:9d} "
+              f"{fmt(r['ours_s'], 7)} {fmt(r['ours_full_head_s'], 11)} {fmt(r['torch_s'], 7)} "
+              f"{fmt(r['ratio_torch_over_ours'], 10, 2)} {fmt(r['ratio_torch_over_ours_full_head'], 10, 2)} "
+              f"{fmt(r['selection_speedup'], 9, 2)} {fmt(c['ours'], 4, 2)}/{fmt(c['ours_full_head'], 4, 2)}/"
+              f"{fmt(c['torch'], 4, 2)}")
+    print("ratio = torch / ours (> 1: ours faster); labelled = positions with a target / (B·L)")
+    if "breakdown_all_text_s" in results:
+        print("breakdown (all_text, s): " + "; ".join(
+            f"{who}: " + ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+            for who, d in results["breakdown_all_text_s"].items()))
+        print("LM head fwd+bwd GFLOP/s: " + ", ".join(f"{k} {v:.0f}"
+                                                     for k, v in results["lm_head_gflop_per_s"].items()))
     if "torch_phases_median_s" in results:
-        print("torch phases (s): " + ", ".join(f"{k} {v:.3f}" for k, v in results["torch_phases_median_s"].items()))
-    if "lm_head_gflop_per_s" in results:
-        print("LM head fwd+bwd GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in results["lm_head_gflop_per_s"].items()))
-    if "loss_check" in results:
-        c = results["loss_check"]
-        print(f"first-step loss ours {c['first_step_ours']:.6f} vs torch {c['first_step_torch']:.6f} "
-              f"(rel {c['first_step_rel_diff']:.1e}; max over all steps {c['max_rel_diff_all_steps']:.1e}); "
-              f"grad norm rel diff {c['grad_norm_rel_diff']:.1e}")
+        for name, ph in results["torch_phases_median_s"].items():
+            print(f"torch phases {name} (s): " + ", ".join(f"{k} {v:.3f}" for k, v in ph.items()))
+    for name, c in results["loss_check"].items():
+        print(f"{name}: first-step loss ours {c['first_step_ours']:.7f}, full head "
+              f"{c['first_step_ours_full_head']:.7f} (rel {c['selected_vs_full_head_first_step_rel']:.1e}, max "
+              f"{c['selected_vs_full_head_max_rel_all_steps']:.1e})"
+              + (f", torch {c['first_step_torch']:.7f} (rel {c['ours_vs_torch_first_step_rel']:.1e}, max "
+                 f"{c['ours_vs_torch_max_rel_all_steps']:.1e}; grad norm rel {c['grad_norm_ours_vs_torch_rel']:.1e})"
+                 if "first_step_torch" in c else ""))
     print("compile s: " + ", ".join(f"{k} {v:.1f}" for k, v in results["compile_s"].items()))
     print(f"contended rounds dropped: {results.get('contended_rounds_dropped')}")
     print(f"xla pool threads {results['settings'].get('xla_pool_threads')}, torch threads "

@@ -25,6 +25,7 @@ def base() -> ml_collections.ConfigDict:
         batch_size=16,  # global batch (rows)
         length_buckets=(512, 1024, 2048),  # tokens per row
         vision_buckets=(4096, 8192, 16384),  # vision patch rows per batch
+        loss_fractions=(0.125, 0.5, 1.0),  # LM head on f·B·L positions, the smallest f holding all targets
         pack=True, truncate=True, shuffle=True, num_epochs=None,  # None: repeat forever
         workers=8,  # grain worker processes decoding images (0: in the main process)
         min_pixels=56 * 56, max_pixels=28 * 28 * 1024))

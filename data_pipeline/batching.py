@@ -8,7 +8,8 @@ longest row, and the vision patch rows are padded to the smallest vision rung, s
 len(length ladder) × len(vision ladder) (+ text-only) train-step programs.
 
 A batch is a dict of numpy arrays, in `training.step`'s layout:
-    input_ids int32[B, L]; labels int32[B, L]; prepared: {attention_mask (segment ids) int32[B, L],
+    input_ids int32[B, L]; labels int32[B, L]; loss_index, loss_targets int32[K] (training.step.selected_cross_entropy);
+    prepared: {attention_mask (segment ids) int32[B, L],
     position_ids int32[3, B, L], splice_index int32[B, L], vision_pos_hw int32[V, 2], vision_segment_ids int32[V]};
     vision_pixels float32[V, 1176] (absent when no example of the batch has media);
     stats: {examples, skipped, real_tokens, padded_tokens, real_vision_rows, padded_vision_rows} int64 scalars;
@@ -39,6 +40,9 @@ class BatchLayout:
     vision_rows: tuple[int, ...]  # vision ladder (patch rows per batch)
     pack: bool
     config: Qwen2VLConfig  # token ids and merge size
+    # the LM head runs on K = f·B·L positions, f the smallest of these fractions that holds every target (a ladder
+    # too); () = on all positions
+    loss_fractions: tuple[float, ...] = (0.125, 0.5, 1.0)
 
 
 class Batches(grain.IterDataset):
@@ -126,7 +130,7 @@ class BatchIterator(grain.DatasetIterator):
         real_vision = sum(len(p) for _, p in images + videos)
         padded_vision = rung(lay.vision_rows, real_vision, "vision patch rows") if real_vision else 0
         pos_hw, vision_segments = vision_layout(grids, merge, padded_vision)
-        batch = dict(input_ids=ids, labels=labels,
+        batch = dict(input_ids=ids, labels=labels, **loss_positions(labels, segments, lay.loss_fractions),
                      prepared=dict(attention_mask=segments, position_ids=positions, splice_index=index,
                                    vision_pos_hw=pos_hw, vision_segment_ids=vision_segments))
         if real_vision:
@@ -146,4 +150,20 @@ def _split(pixels: np.ndarray, grids: np.ndarray, start: int):
         n = int(np.prod(g))
         yield g, pixels[start:start + n]
         start += n
+
+
+def loss_positions(labels: np.ndarray, segments: np.ndarray, fractions: tuple[float, ...]) -> dict:
+    """loss_index int32[K]: flat positions p (into B·L) whose next token is a target of the same example;
+    loss_targets int32[K]: those targets, IGNORE where K is padding."""
+    if not fractions:
+        return {}
+    B, L = labels.shape
+    take = (labels[:, 1:] != IGNORE) & (segments[:, 1:] == segments[:, :-1])
+    rows, cols = np.nonzero(take)
+    need = len(rows)
+    per_row = next((int(f * L) for f in sorted(fractions) if int(f * L) * B >= need), L)
+    index, targets = np.zeros(B * per_row, np.int32), np.full(B * per_row, IGNORE, np.int32)
+    index[:need], targets[:need] = rows * L + cols, labels[rows, cols + 1]
+    return {"loss_index": index, "loss_targets": targets}
+
 

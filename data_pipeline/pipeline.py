@@ -55,5 +55,6 @@ def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, 
     if data.workers:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
     layout = BatchLayout(rows=data.batch_size, lengths=tuple(data.length_buckets),
-                         vision_rows=tuple(data.vision_buckets), pack=data.pack, config=model_config)
+                         vision_rows=tuple(data.vision_buckets), pack=data.pack, config=model_config,
+                         loss_fractions=tuple(data.get("loss_fractions", BatchLayout.loss_fractions)))
     return Batches(ds, layout)

@@ -56,6 +56,21 @@ class Qwen2VL(nn.Module):
         return self.decode(input_ids, prepared["attention_mask"], prepared["position_ids"],
                            features, prepared["splice_index"])
 
+    def hidden_states(self, input_ids, prepared, vision_pixels=None):
+        """As `forward`, without the LM head → final-normed hidden states [B, L, D] (training computes the head only
+        where a loss is taken: `logits`)."""
+        features = None
+        if vision_pixels is not None:
+            features = self.encode_vision(vision_pixels, prepared["vision_pos_hw"], prepared["vision_segment_ids"])
+        embeds = self.embed(input_ids, features, prepared["splice_index"])
+        x, _ = self.language_model.hidden(embeds, prepared["position_ids"],
+                                          jnp.asarray(prepared["attention_mask"], jnp.int32))
+        return x
+
+    def logits(self, x):
+        """The LM head: hidden states [B, L, D] → logits float32[B, L, V]."""
+        return self.language_model.head(x)
+
     def encode_vision(self, pixels, pos_hw, segment_ids):
         """pixels: float[N, C·T·P·P]; pos_hw: int32[N, 2]; segment_ids: int32[N] → merged features [N/4, D]."""
         return self.visual(pixels, pos_hw, segment_ids)

@@ -22,7 +22,7 @@ def demo(tmp_path_factory):
     """(model config, processor) of the demo config (compact tokenizer, small model)."""
     folder = tmp_path_factory.mktemp("demo")
     config = get_config()
-    model_config, processor, _ = model_and_processor(config, str(folder))
+    model_config, processor = model_and_processor(config, str(folder))
     return model_config, processor
 
 

@@ -135,3 +135,44 @@ def test_two_processes_train_like_one(tmp_path, data_dir):
     np.testing.assert_allclose([two[s]["loss"] for s in range(1, 7)], [one[s]["loss"] for s in range(1, 7)],
                                rtol=1e-5)
     assert [two[s]["data_crc"] for s in range(1, 7)] == [one[s]["data_crc"] for s in range(1, 7)]
+
+
+def test_init_from_a_checkpoint_folder_starts_from_its_weights(tmp_path, data_dir):
+    """--config.init_from=DIR (a Hugging Face folder here; a converted one loads the same way): the first logged loss
+    is the loss of DIR's weights on the first batch, computed here in-process."""
+    import dataclasses
+
+    import torch
+    import transformers
+    from ml_collections import ConfigDict
+
+    import qwen2vl_jax
+    from configs.demo_cpu import get_config
+    from data_pipeline.pipeline import training_batches
+    from data_pipeline.sources import open_source
+    from qwen2vl_jax import Qwen2VLConfig
+    from qwen2vl_jax.processing.fixtures import write_tiny_processor
+    from reference import hf_config
+    from training.step import loss_fn
+    from training.train import HOST_KEYS, model_and_processor
+
+    folder = tmp_path / "hf"
+    torch.manual_seed(0)
+    tiny = Qwen2VLConfig.preset("tiny")
+    transformers.Qwen2VLForConditionalGeneration(hf_config(tiny)).save_pretrained(folder)
+    write_tiny_processor(folder)
+    overrides = [f"--config.init_from={folder}", "--config.tokenizer=", "--config.steps=2",
+                 "--config.model.scan_layers=False", "--config.checkpoint_every=100"]
+    log = str(tmp_path / "log")
+    finish(start(command(tmp_path / "run", data_dir, *overrides), log), log)
+
+    config = ConfigDict(get_config().to_dict())
+    config.update(dict(init_from=str(folder), tokenizer=""))
+    config.data.update(dict(batch_size=4))
+    model_config, processor = model_and_processor(config, str(tmp_path / "run"))
+    assert model_config.text.vocab_size == tiny.text.vocab_size and model_config.dtype == "float32"
+    batch = next(iter(training_batches(open_source(config.data.train, data_dir=data_dir), processor, model_config,
+                                       config.data, seed=config.seed)))
+    params = qwen2vl_jax.load(str(folder), scan_layers=False)[1]
+    loss, _ = loss_fn(params, {k: v for k, v in batch.items() if k not in HOST_KEYS}, model_config)
+    np.testing.assert_allclose(read_metrics(tmp_path / "run")[1]["loss"], float(loss), rtol=1e-5)

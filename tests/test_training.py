@@ -11,7 +11,7 @@ from configs.demo_cpu import get_config
 from data_pipeline.pipeline import training_batches
 from data_pipeline.synthetic import make_example, to_messages
 from qwen2vl_jax.model import init_params
-from training.step import group_of, init_state, make_optimizer, train_step, trainable_mask
+from training.step import IGNORE, group_of, init_state, loss_fn, make_optimizer, train_step, trainable_mask
 from training.train import HOST_KEYS, model_and_processor
 
 
@@ -19,7 +19,7 @@ from training.train import HOST_KEYS, model_and_processor
 def setup(tmp_path_factory):
     """(model config, params, a fixed batch of 4 demo examples)."""
     config = get_config()
-    model_config, processor, _ = model_and_processor(config, str(tmp_path_factory.mktemp("demo")))
+    model_config, processor = model_and_processor(config, str(tmp_path_factory.mktemp("demo")))
     records = []
     for i in range(4):
         e = make_example(i)
@@ -39,6 +39,17 @@ def run(setup, steps, stage="all", lr=3e-3, batch=None, **optimizer_args):
         state, metrics = step(state, fixed if batch is None else batch)
         losses.append(float(metrics["loss"]))
     return state, losses
+
+
+def test_head_on_target_positions_only_gives_the_full_loss_and_gradients(setup):
+    model_config, params, batch = setup
+    assert len(batch["loss_index"]) < batch["input_ids"].size  # the demo batch takes the small rung
+    full = {k: v for k, v in batch.items() if k not in ("loss_index", "loss_targets")}
+    (a, ca), ga = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, model_config)
+    (b, cb), gb = jax.value_and_grad(loss_fn, has_aux=True)(params, full, model_config)
+    assert int(ca) == int(cb) == int((batch["labels"] != IGNORE).sum())
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5), ga, gb)
 
 
 def test_loss_falls_on_a_fixed_batch(setup):

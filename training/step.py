@@ -83,14 +83,34 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+def selected_cross_entropy(hidden: jax.Array, apply_head, loss_index: jax.Array, loss_targets: jax.Array):
+    """The LM head and cross-entropy at the K selected positions only (most tokens of a vision-language batch —
+    images, system and user turns, padding — carry no loss, and the [B, L, vocab] logits are the step's largest
+    tensor). hidden: [B, L, D]; loss_index: int32[K], flat positions into B·L whose next token is a target (K a
+    multiple of B); loss_targets: int32[K], IGNORE on padding → (summed loss float32, target count)."""
+    B, L, D = hidden.shape
+    picked = jnp.take(hidden.reshape(B * L, D), loss_index, axis=0).reshape(B, -1, D)
+    logits = apply_head(picked).astype(jnp.float32)  # [B, K/B, V]
+    targets = loss_targets.reshape(B, -1)
+    mask = targets != IGNORE
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, targets, 0))
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
 def loss_fn(params, batch: dict, config: Qwen2VLConfig, trainable=None) -> tuple[jax.Array, jax.Array]:
     """→ (mean loss over labelled tokens, their count). Frozen parameters (trainable False) get no gradient, so XLA
-    drops their backward pass."""
+    drops their backward pass. With batch["loss_index"] / ["loss_targets"] (data_pipeline.batching adds them) the
+    head runs on those positions only; otherwise on all of them, shifted labels as in Hugging Face."""
     if trainable is not None:
         params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
-    logits = Qwen2VL(config).apply({"params": params}, batch["input_ids"], batch["prepared"],
-                                   batch.get("vision_pixels"), method=Qwen2VL.forward)
-    total, count = cross_entropy(logits, batch["labels"])
+    model = Qwen2VL(config)
+    args = (batch["input_ids"], batch["prepared"], batch.get("vision_pixels"))
+    if "loss_index" in batch:
+        hidden = model.apply({"params": params}, *args, method=Qwen2VL.hidden_states)
+        head = lambda x: model.apply({"params": params}, x, method=Qwen2VL.logits)
+        total, count = selected_cross_entropy(hidden, head, batch["loss_index"], batch["loss_targets"])
+    else:
+        total, count = cross_entropy(model.apply({"params": params}, *args, method=Qwen2VL.forward), batch["labels"])
     return total / jnp.maximum(count, 1), count
 
 

@@ -20,14 +20,14 @@ import os
 import time
 import zlib
 
+import flax.linen as nn
 import jax
-import numpy as np
 from etils import epath
 
 from data_pipeline.pipeline import training_batches
 from qwen2vl_jax.compiles import CompileCounter
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.model import init_params
+from qwen2vl_jax.model import abstract_params, init_params
 from qwen2vl_jax.processing import Processor
 from sharding.mesh import initialize_distributed, make_mesh
 from sharding.rules import batch_shardings, param_shardings
@@ -43,10 +43,10 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
               "TPU v6": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
 
 
-def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor, dict | None]:
-    """→ (model config, processor, params from init_from or None). The tokenizer comes from config.tokenizer, else
-    from init_from; "demo" writes the demo's compact tokenizer into WORKDIR/tokenizer."""
-    params = None
+def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor]:
+    """→ (model config, processor): init_from's config, or the preset with config.model's changes and the
+    tokenizer's token ids. The tokenizer comes from config.tokenizer, else from init_from; "demo" writes the demo's
+    compact tokenizer into WORKDIR/tokenizer."""
     tokenizer_dir = config.tokenizer or config.init_from
     if tokenizer_dir == "demo":
         tokenizer_dir = demo_tokenizer_dir(workdir)
@@ -60,9 +60,7 @@ def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor,
     model = dict(config.model)
     overrides = {k: model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention") if k in model}
     if config.init_from:
-        from qwen2vl_jax.checkpoint.load import load
-        model_config, params = load(config.init_from, scan_layers=overrides.get("scan_layers"))
-        model_config = model_config.replace(**overrides)
+        model_config = Qwen2VLConfig.from_hf(config.init_from).replace(**overrides)
     else:
         base = Qwen2VLConfig.preset(model["preset"])
         tok = processor.tokenizer
@@ -74,7 +72,16 @@ def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor,
             vision_start_token_id=tok.token_to_id("<|vision_start|>"),
             vision_end_token_id=tok.token_to_id("<|vision_end|>"), bos_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_ids[0], pad_token_id=tok.pad_token_id, **overrides)
-    return model_config, processor, params
+    return model_config, processor
+
+
+def initial_params(config, model_config: Qwen2VLConfig, mesh) -> dict:
+    """init_from's params (each device reads its slice, cast to param_dtype) or a seeded random init, sharded."""
+    if config.init_from:
+        from qwen2vl_jax.checkpoint.load import load
+        return load(config.init_from, dtype=model_config.param_dtype, mesh=mesh,
+                    scan_layers=model_config.scan_layers)[1]
+    return init_params(model_config, config.seed, param_shardings(model_config, mesh))
 
 
 def demo_tokenizer_dir(workdir: str) -> str:
@@ -114,12 +121,14 @@ def place(batch: dict, mesh) -> dict:
 
 
 def model_flops_per_token(config: Qwen2VLConfig) -> tuple[float, float]:
-    """(text FLOPs per token, vision FLOPs per patch) of one training step: 6 × parameters (forward + backward)."""
-    from sharding.plan import analytic_param_count
+    """≈ (FLOPs per text token, FLOPs per vision patch) of a training step: 6 × the parameters each passes through
+    (forward + backward; attention scores and the merger's 4× row reduction ignored)."""
+    from training.step import group_of
 
-    t, v = config.text, config.vision
-    vision_params = v.depth * (4 * v.embed_dim ** 2 + 2 * v.embed_dim * v.mlp_dim)
-    return 6.0 * (analytic_param_count(config) - vision_params), 6.0 * vision_params
+    sizes = {"vision": 0, "merger": 0, "llm": 0}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_params(config))):
+        sizes[group_of(path)] += leaf.size
+    return 6.0 * sizes["llm"], 6.0 * (sizes["vision"] + sizes["merger"])
 
 
 def peak_flops() -> float | None:
@@ -132,36 +141,33 @@ def train(config, workdir: str) -> dict:
     initialize_distributed()
     workdir = os.fspath(workdir)
     prepare_workdir(config, workdir)
-    model_config, processor, params = model_and_processor(config, workdir)
+    model_config, processor = model_and_processor(config, workdir)
     mesh = make_mesh(config.mesh, dcn=config.get("dcn_mesh") or None)
     from data_pipeline.sources import open_source
     source = open_source(config.data.train, data_dir=data_folder(config, workdir))
     dataset = training_batches(source, processor, model_config, config.data, seed=config.seed)
 
     with jax.set_mesh(mesh):
-        p_shardings = param_shardings(model_config, mesh)
-        if params is None:
-            params = init_params(model_config, config.seed, p_shardings)
-        else:
-            params = jax.device_put(params, p_shardings)
-        trainable = trainable_mask(params, config.stage)
+        trainable = trainable_mask(nn.unbox(abstract_params(model_config)), config.stage)
         o = config.optim
         optimizer = make_optimizer(o.learning_rate, warmup_steps=o.warmup_steps, total_steps=config.steps,
                                    weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, clip_norm=o.clip_norm,
                                    grad_accum=o.grad_accum, trainable=trainable)
         s_shardings = state_shardings(model_config, optimizer, mesh)
-        state = jax.jit(functools.partial(init_state, optimizer=optimizer, seed=config.seed),
-                        out_shardings=s_shardings)(params)
-        del params
+        make_state = jax.jit(functools.partial(init_state, optimizer=optimizer, seed=config.seed),
+                             out_shardings=s_shardings)
         checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint_every, config.keep_checkpoints)
         iterator = iter(dataset)
         first = checkpoints.latest_step() or 0
-        if first:
-            abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                              state)
+        if first:  # resume: nothing is initialized or loaded, the checkpoint is read straight into its shardings
+            abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                              jax.eval_shape(make_state, nn.unbox(abstract_params(model_config))),
+                                              s_shardings)
             state, data_state = checkpoints.restore(first, abstract)
             iterator.set_state(data_state)
             log.info("resumed from step %d", first)
+        else:
+            state = make_state(initial_params(config, model_config, mesh))
         summary = run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings, iterator,
                            checkpoints, first)
         checkpoints.close()
@@ -196,7 +202,8 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
             while step < config.steps:
                 batch = next(iterator)
                 stats = batch["stats"]
-                shapes.add((batch["input_ids"].shape, batch["vision_pixels"].shape if "vision_pixels" in batch else None))
+                shapes.add(tuple(batch[k].shape if k in batch else None
+                                 for k in ("input_ids", "vision_pixels", "loss_index")))
                 device_batch, shardings = place(batch, mesh)
                 state, metrics = step_for(shardings)(state, device_batch)
                 step += 1
