@@ -434,7 +434,7 @@ def main():
                 loss.backward()
                 model.zero_grad()
                 return float(loss.detach())
-            th = torch.from_numpy(np.asarray(hidden)).requires_grad_()
+            th = torch.from_numpy(np.array(hidden)).requires_grad_()
             te = torch.from_numpy(embed_np.copy()).requires_grad_()
             tl = torch.from_numpy(labels)
 

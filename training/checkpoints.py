@@ -12,18 +12,22 @@ from etils import epath
 
 class Checkpoints:
     def __init__(self, directory: str, every: int, keep: int = 2):
-        self.manager = ocp.CheckpointManager(
-            epath.Path(directory),
-            options=ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep, create=True),
-            item_names=("state", "data"))
+        self.every = every
+        self.manager = ocp.CheckpointManager(epath.Path(directory),
+                                             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+                                             item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-        """Saves when `step` is on the interval (or `force`); the data state is taken now (the write is async)."""
+    def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
+        """Saves when `step` is a multiple of `every` (or `force`), with the iterator's state taken now. The write is
+        async: the arrays are copied off the device before this returns, so the caller may donate them."""
+        if not (force or step % self.every == 0):
+            return False
         return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                               data=ocp.args.JsonSave(data_state)), force=force)
+                                                               data=ocp.args.JsonSave(data_iterator.get_state())),
+                                 force=True)
 
     def restore(self, step: int, abstract_state) -> tuple[object, dict]:
         """→ (state laid out as `abstract_state` (ShapeDtypeStructs with shardings), data iterator state)."""

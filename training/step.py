@@ -35,7 +35,8 @@ class TrainState:
 
 
 def group_of(path: tuple) -> str:
-    """A parameter's group from its tree path: visual/merger → "merger", the rest of visual → "vision", else "llm"."""
+    """A parameter's group from its tree path: visual/merger → "merger", the rest of visual → "vision", else
+    "llm"."""
     names = [getattr(k, "key", str(k)) for k in path]
     if names[0] == "visual":
         return "merger" if "merger" in names else "vision"
@@ -81,6 +82,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
     mask = targets != IGNORE
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, targets, 0))
     return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def skipped_streak(opt_state):
+    """How many updates in a row were skipped for NaN/inf gradients (optax.apply_if_finite's count); None under
+    grad_accum (optax.MultiSteps drops bad micro-batches without a streak count)."""
+    return getattr(opt_state, "notfinite_count", None)
 
 
 def selected_cross_entropy(hidden: jax.Array, apply_head, loss_index: jax.Array, loss_targets: jax.Array):

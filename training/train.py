@@ -33,8 +33,8 @@ from sharding.mesh import initialize_distributed, make_mesh
 from sharding.rules import batch_shardings, param_shardings
 from training.checkpoints import Checkpoints, Preemption
 from training.metrics import MetricsWriter
-from training.step import (init_state, jit_train_step, learning_rate_schedule, make_optimizer, state_shardings,
-                           trainable_mask)
+from training.step import (init_state, jit_train_step, learning_rate_schedule, make_optimizer, skipped_streak,
+                           state_shardings, trainable_mask)
 
 log = logging.getLogger("training.train")  # not __name__: "__main__" under python -m
 HOST_KEYS = ("stats", "example_ids")  # batch entries that stay on the host
@@ -150,13 +150,15 @@ def train(config, workdir: str) -> dict:
     with jax.set_mesh(mesh):
         trainable = trainable_mask(nn.unbox(abstract_params(model_config)), config.stage)
         o = config.optim
-        optimizer = make_optimizer(o.learning_rate, warmup_steps=o.warmup_steps, total_steps=config.steps,
-                                   weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, clip_norm=o.clip_norm,
-                                   grad_accum=o.grad_accum, trainable=trainable)
+        # steps counts batches; with grad_accum k the optimizer makes steps / k updates (warmup_steps counts updates)
+        optimizer = make_optimizer(o.learning_rate, warmup_steps=o.warmup_steps,
+                                   total_steps=config.steps // o.grad_accum, weight_decay=o.weight_decay, b1=o.b1,
+                                   b2=o.b2, clip_norm=o.clip_norm, grad_accum=o.grad_accum, trainable=trainable)
         s_shardings = state_shardings(model_config, optimizer, mesh)
         make_state = jax.jit(functools.partial(init_state, optimizer=optimizer, seed=config.seed),
                              out_shardings=s_shardings)
-        checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint_every, config.keep_checkpoints)
+        checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
+                                  config.keep_checkpoints)
         iterator = iter(dataset)
         first = checkpoints.latest_step() or 0
         if first:  # resume: nothing is initialized or loaded, the checkpoint is read straight into its shardings
@@ -189,7 +191,8 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
             steps[key] = jit_train_step(model_config, optimizer, mesh, s_shardings, shardings, trainable)
         return steps[key]
 
-    schedule = learning_rate_schedule(config.optim.learning_rate, config.optim.warmup_steps, config.steps)
+    accum = config.optim.grad_accum
+    schedule = learning_rate_schedule(config.optim.learning_rate, config.optim.warmup_steps, config.steps // accum)
     text_flops, vision_flops = model_flops_per_token(model_config)
     peak = peak_flops()
     writer = MetricsWriter(workdir, config.steps, first, tensorboard=config.get("tensorboard", True))
@@ -217,7 +220,9 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
                 writer.advance()
                 if step % config.log_every == 0 or step == config.steps:
                     loss = float(metrics["loss"])
-                    nonfinite_run = 0 if math.isfinite(loss) else nonfinite_run + config.log_every
+                    streak = skipped_streak(state.opt_state)
+                    nonfinite_run = int(streak) if streak is not None else (
+                        0 if math.isfinite(loss) else nonfinite_run + config.log_every)
                     if nonfinite_run >= config.max_nonfinite_steps:
                         raise FloatingPointError(
                             f"the loss has been NaN/inf for {nonfinite_run} steps (updates were skipped); lower "
@@ -225,7 +230,8 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
                     elapsed = time.perf_counter() - window["time"]
                     flops = text_flops * window["tokens"] + vision_flops * window["vision"]
                     writer.write(step, {
-                        "loss": loss, "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(step - 1)),
+                        "loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                        "lr": float(schedule((step - 1) // accum)),
                         "tokens_per_s": window["tokens"] / elapsed,
                         "padding_efficiency": window["tokens"] / max(window["padded"], 1),
                         "vision_padding_efficiency": window["vision"] / max(window["vision_padded"], 1),
@@ -234,10 +240,10 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
                         "data_crc": zlib.crc32(json.dumps(batch["example_ids"]).encode())})
                     window = dict.fromkeys(window, 0) | {"time": time.perf_counter()}
                 if preemption.requested:
-                    checkpoints.save(step, state, iterator.get_state(), force=True)
+                    checkpoints.save(step, state, iterator, force=True)
                     log.warning("SIGTERM: saved step %d to %s; stopping", step, workdir)
                     break
-                checkpoints.save(step, state, iterator.get_state(), force=step == config.steps)
+                checkpoints.save(step, state, iterator, force=step == config.steps)
         finally:
             preemption.restore()
             writer.close()
