@@ -65,8 +65,12 @@ def main() -> None:
         rows["unpacked (demo config)"] = measure(config, source, processor, model_config, args.examples, pack=False)
         rows["packed, rows of 128"] = measure(config, source, processor, model_config, args.examples, pack=True,
                                               batch_size=8)
-        rows["packed, rows of 128, one length rung"] = measure(
-            config, source, processor, model_config, args.examples, pack=True, batch_size=8, length_buckets=(128,))
+        # a mix of lengths: the same images at up to 322² px (4–529 patches, 20–150 tokens a sample)
+        wide = dict(max_pixels=322 * 322, length_buckets=(64, 128, 256), vision_buckets=(4096, 8192))
+        rows["varied lengths, unpacked"] = measure(config, source, processor, model_config, args.examples, **wide,
+                                                   pack=False)
+        rows["varied lengths, packed into rows of 256"] = measure(config, source, processor, model_config,
+                                                                  args.examples, **wide, pack=True, batch_size=8)
     for name, row in rows.items():
         print(f"{name:40s} tokens {row['token_efficiency']:.3f}  vision {row['vision_efficiency']:.3f}  "
               f"examples/batch {row['examples_per_batch']:.1f}  shapes {len(row['batch_shapes'])}")

@@ -9,7 +9,7 @@ from configs.common import base
 
 def get_config():
     c = base()
-    c.steps = 600
+    c.steps = 1500
     c.mesh = "data=-1"
     c.tokenizer = "demo"
     c.model.update(dict(
@@ -21,8 +21,8 @@ def get_config():
     c.data.update(dict(
         train="tfds:synthetic_vqa:train", eval="tfds:synthetic_vqa:test", demo_set={"train": 6000, "test": 400},
         batch_size=16, length_buckets=(64, 128), vision_buckets=(1024, 2048), pack=False, workers=0,
-        max_pixels=112 * 112))
-    c.optim.update(dict(learning_rate=2e-3, warmup_steps=30, weight_decay=0.01))
+        max_pixels=140 * 140))
+    c.optim.update(dict(learning_rate=1e-3, warmup_steps=50, weight_decay=0.01))
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
     c.demo_eval = True
