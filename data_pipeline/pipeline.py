@@ -53,6 +53,10 @@ def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, 
                           truncate=data.truncate))
     ds = ds.to_iter_dataset()
     if data.workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app take the defaults
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
     layout = BatchLayout(rows=data.batch_size, lengths=tuple(data.length_buckets),
                          vision_rows=tuple(data.vision_buckets), pack=data.pack, config=model_config,
