@@ -97,6 +97,19 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir, unin
     assert len({theirs[s]["data_crc"] for s in theirs}) == 30  # the order check is not vacuous
 
 
+def test_the_final_params_are_exported_as_a_loadable_checkpoint(uninterrupted):
+    import qwen2vl_jax
+    from qwen2vl_jax.processing import Processor
+
+    workdir, summary = uninterrupted
+    assert summary["export"] == str(workdir / "export")
+    config, params = qwen2vl_jax.load(summary["export"])  # checks names and shapes against the exported config.json
+    processor = Processor.from_pretrained(summary["export"])
+    assert config.image_token_id == processor.tokenizer.image_token_id and config.text.vocab_size == 448
+    trained = np.asarray(params["language_model"]["embed_tokens"])
+    assert np.isfinite(trained).all() and trained.std() > 0
+
+
 def test_train_step_compiles_once_per_bucket(uninterrupted):
     workdir, summary = uninterrupted
     assert summary["steps"] == 30 and summary["batch_shapes"] >= 2  # the ladders above do produce several shapes

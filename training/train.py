@@ -3,8 +3,9 @@
     qwen2vl-train --config configs/demo_cpu.py --workdir /tmp/demo [--config.steps=300 ...]
 
 The same command runs on a laptop CPU, one TPU VM, or every host of a multi-host slice (each host runs it; JAX finds
-its peers). WORKDIR (local or gs://) receives checkpoints/, metrics.jsonl, tensorboard/, config.json and, for the
-demo, demo_eval.json and demo.png. A run that finds a checkpoint in WORKDIR resumes from it exactly: same state, same
+its peers). WORKDIR (local or gs://) receives checkpoints/, metrics.jsonl, tensorboard/, config.json, export/ (the
+final params as a checkpoint folder for qwen2vl_jax.load / qwen2vl-generate / qwen2vl-eval) and, for the demo,
+demo_eval.json and demo.png. A run that finds a checkpoint in WORKDIR resumes from it exactly: same state, same
 data order, same following losses.
 
 Multi-host input: every process builds the same global batch from the same pipeline and hands each device its
@@ -47,12 +48,10 @@ def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor]
     """→ (model config, processor): init_from's config, or the preset with config.model's changes and the
     tokenizer's token ids. The tokenizer comes from config.tokenizer, else from init_from; "demo" writes the demo's
     compact tokenizer into WORKDIR/tokenizer."""
-    tokenizer_dir = config.tokenizer or config.init_from
-    if tokenizer_dir == "demo":
-        tokenizer_dir = demo_tokenizer_dir(workdir)
-        if not (epath.Path(tokenizer_dir) / "tokenizer.json").exists():
-            from data_pipeline.synthetic import write_demo_processor
-            write_demo_processor(tokenizer_dir)
+    tokenizer_dir = tokenizer_folder(config, workdir)
+    if config.tokenizer == "demo" and not (epath.Path(tokenizer_dir) / "tokenizer.json").exists():
+        from data_pipeline.synthetic import write_demo_processor
+        write_demo_processor(tokenizer_dir)
     if not tokenizer_dir:
         raise ValueError("set --config.tokenizer (a folder with tokenizer.json and preprocessor_config.json) or "
                          "--config.init_from (a converted checkpoint, which carries its tokenizer)")
@@ -86,6 +85,11 @@ def initial_params(config, model_config: Qwen2VLConfig, mesh) -> dict:
 
 def demo_tokenizer_dir(workdir: str) -> str:
     return os.path.join(workdir, "tokenizer")
+
+
+def tokenizer_folder(config, workdir: str) -> str:
+    """Where the run's tokenizer.json + preprocessor_config.json live ("" when nowhere)."""
+    return demo_tokenizer_dir(workdir) if config.tokenizer == "demo" else (config.tokenizer or config.init_from)
 
 
 def prepare_workdir(config, workdir: str) -> None:
@@ -173,6 +177,10 @@ def train(config, workdir: str) -> dict:
         summary = run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings, iterator,
                            checkpoints, first)
         checkpoints.close()
+        if summary["steps"] == config.steps:
+            from training.export import export_params
+            summary["export"] = export_params(os.path.join(workdir, "export"), model_config,
+                                              summary["state"].params, tokenizer_folder(config, workdir))
     if config.get("demo_eval") and not summary["preempted"] and jax.process_index() == 0:
         from training.demo_eval import evaluate_demo
         summary["demo_eval"] = evaluate_demo(config, workdir, model_config, processor, summary.pop("state"))

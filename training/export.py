@@ -1,0 +1,39 @@
+"""The trained params as a checkpoint folder that `qwen2vl_jax.load`, `qwen2vl-generate`, `qwen2vl-eval` and
+`qwen2vl-convert --to-hf` read: WORKDIR/export/ = params/ (Orbax) + qwen2vl_jax.json + config.json (+ the tokenizer
+and preprocessor files), the layout `qwen2vl-convert --hf-dir` writes."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from qwen2vl_jax.checkpoint.convert import FORMAT_VERSION
+from qwen2vl_jax.checkpoint.load import FORMAT_FILE, PARAMS_DIR
+from qwen2vl_jax.config import Qwen2VLConfig
+
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json",
+              "video_preprocessor_config.json", "generation_config.json", "vocab.json", "merges.txt")
+
+
+def export_params(directory: str, config: Qwen2VLConfig, params, tokenizer_dir: str | None) -> str:
+    """Writes `params` (global jax arrays, any sharding; every process calls this) into `directory`, replacing an
+    earlier export. → directory."""
+    out = epath.Path(directory)
+    if jax.process_index() == 0 and out.exists():
+        out.rmtree()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out / PARAMS_DIR, params)
+    if jax.process_index() == 0:
+        dtypes = sorted({np.dtype(x.dtype).name for x in jax.tree_util.tree_leaves(params)})
+        (out / FORMAT_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION,
+                                                   "scan_layers": config.scan_layers, "dtypes": dtypes}, indent=2))
+        hf = config.to_hf_dict() | {"dtype": dtypes[0] if len(dtypes) == 1 else "float32"}
+        (out / "config.json").write_text(json.dumps(hf, indent=2))
+        for name in SIDE_FILES if tokenizer_dir else ():
+            source = epath.Path(tokenizer_dir) / name
+            if source.exists():
+                (out / name).write_text(source.read_text())
+    return str(out)
