@@ -27,6 +27,7 @@ setup(
         "protobuf==7.36.2",
         "tensorboard==2.21.0",
         "matplotlib==3.11.2",
+        "rapidfuzz==3.14.6",
     ],
     extras_require={
         "test": [
@@ -41,6 +42,7 @@ setup(
             "qwen2vl-convert=qwen2vl_jax.checkpoint.convert:main",
             "qwen2vl-generate=qwen2vl_jax.generate_cli:main",
             "qwen2vl-train=training.train:main",
+            "qwen2vl-eval=evaluation.runner:main",
         ],
     },
 )

@@ -37,7 +37,7 @@ def _is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def _confined_path(ref, root: str, root_real: str | None) -> str:
+def confined_path(ref, root: str, root_real: str | None) -> str:
     """Resolves media reference ``ref`` against ``root``; refuses escapes.
 
     Remote URLs (http(s)://, gs://, s3://) pass through unchanged. Local refs
@@ -161,9 +161,9 @@ class JsonlSource:
             if not isinstance(obj, dict):
                 raise RecordError("line is not a JSON object")
             messages = _check_messages(obj.get("messages"))
-            images = [_confined_path(r, self.root, self._root_real)
+            images = [confined_path(r, self.root, self._root_real)
                       for r in _media_refs(messages, "image", obj.get("images"))]
-            videos = [_confined_path(r, self.root, self._root_real)
+            videos = [confined_path(r, self.root, self._root_real)
                       for r in _media_refs(messages, "video", obj.get("videos"))]
         except (ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
             return {"error": f"{self.path} line {line_no}: {e}", "id": default_id}

@@ -82,10 +82,10 @@ class ToExample(grain.transforms.Map):
             return {"error": f"{type(e).__name__}: {e}", "id": rid}
 
     def _example(self, record: dict) -> dict:
-        images = [_named(r, lambda r: preprocess_image(load_image(read_bytes(r)),
+        images = [with_name(r, lambda r: preprocess_image(load_image(read_bytes(r)),
                                                        **self.processor.image_options.kwargs()))
                   for r in record.get("images", [])]
-        videos = [_named(r, lambda r: preprocess_video(load_video_frames(r), **self.processor.video_options.kwargs()))
+        videos = [with_name(r, lambda r: preprocess_video(load_video_frames(r), **self.processor.video_options.kwargs()))
                   for r in record.get("videos", [])]
         ids, labels = self._tokens(record["messages"], [g for _, g in images], [g for _, g in videos])
         ids, labels, n_images, n_videos = self._truncate(ids, labels)
@@ -163,7 +163,7 @@ class ToExample(grain.transforms.Map):
         return kept, labels[:cut], _runs(kept, self.ids["image"]), _runs(kept, self.ids["video"])
 
 
-def _named(ref, fn):
+def with_name(ref, fn):
     """fn(ref), with a path reference named in any error (decoders only see the bytes)."""
     try:
         return fn(ref)

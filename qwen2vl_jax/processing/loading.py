@@ -32,7 +32,7 @@ def _open_and_decode(fp: Any, name: str) -> Image.Image:
         image = Image.open(fp)
         image.load()  # decoding happens lazily: force it so truncation shows up here, not later
     except Image.UnidentifiedImageError as e:
-        raise ValueError(f"cannot read image {name}: not a recognised image file or the file is corrupt ({e})") from e
+        raise ValueError(f"cannot read image {name}: not a recognised image file or the file is corrupt") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(
             f"cannot read image {name}: the file is truncated or corrupt ({e}); re-download or re-encode it"
