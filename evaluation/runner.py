@@ -1,6 +1,7 @@
 """Batched, resumable evaluation: `qwen2vl-eval --checkpoint DIR --data SPEC --task NAME --out preds.jsonl`.
 
-Each process takes every process_count-th sample (data parallel over hosts; on one host, one device), prepares it
+Each process takes every process_count-th sample (data parallel over hosts, and over a host's devices: one model
+replica and one thread per device, so a model must fit one device), prepares it
 with the checkpoint's Processor, generates greedily through `qwen2vl_jax.generate_many` (bucketed shapes; samples
 are sorted by size within a chunk so a batch holds similar shapes) and appends one line per sample to
 `OUT.part<process>` as soon as its batch is done (flushed: a killed run loses at most the batch in flight). At the
@@ -79,13 +80,32 @@ def prepare(processor, sample: dict, task: str) -> tuple[dict | None, str, str |
     return batch, prompt, None
 
 
+def generate_on_devices(config, replicas: list, requests: list[dict], **options) -> list:
+    """`generate_many` data-parallel over this host's devices: one thread per (device, params on it), each taking a
+    contiguous block of `requests` (kept sorted, so each device sees similar shapes). → results in request order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qwen2vl_jax.generation import generate_many
+
+    per = -(-len(requests) // len(replicas)) if requests else 0
+    blocks = [(device, params, requests[i * per:(i + 1) * per]) for i, (device, params) in enumerate(replicas)]
+
+    def run(device, params, block):
+        with jax.default_device(device):
+            return generate_many(config, params, block, **options) if block else []
+
+    if len(replicas) == 1:
+        return run(*blocks[0])
+    with ThreadPoolExecutor(len(replicas)) as pool:
+        return [r for block in pool.map(lambda b: run(*b), blocks) for r in block]
+
+
 def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int = 8,
              max_new_tokens: int | None = None, data_dir: str | None = None, limit: int | None = None,
              dtype: str | None = None, chunk: int = 64) -> dict:
     """Runs (or finishes) the evaluation; → the summary (process 0) or {} (other processes)."""
     import qwen2vl_jax
     from qwen2vl_jax.compiles import CompileCounter
-    from qwen2vl_jax.generation import generate_many
     from qwen2vl_jax.processing import Processor
     from sharding.mesh import initialize_distributed
 
@@ -96,7 +116,8 @@ def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
     processor = Processor.from_pretrained(checkpoint)
     config, params = qwen2vl_jax.load(checkpoint, dtype=dtype)
-    params = jax.device_put(params, jax.local_devices()[0])
+    replicas = [(device, jax.device_put(params, device)) for device in jax.local_devices()]
+    del params
     source = open_eval_source(data, data_dir)
     total = len(source) if limit is None else min(limit, len(source))
     part = epath.Path(f"{out}.part{rank}")
@@ -114,9 +135,9 @@ def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int
             runnable = [k for k, (request, _, _) in enumerate(prepared) if request is not None]
             # similar sizes side by side: fewer padded rows and tokens per bucket
             runnable.sort(key=lambda k: (len(prepared[k][0].get("pixel_values", ())), prepared[k][0]["input_ids"].size))
-            results = dict(zip(runnable, generate_many(config, params, [prepared[k][0] for k in runnable],
-                                                       batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                                       eos_token_ids=eos)))
+            results = dict(zip(runnable, generate_on_devices(config, replicas, [prepared[k][0] for k in runnable],
+                                                             batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                             eos_token_ids=eos)))
             for k, (sample, (_, prompt, error)) in enumerate(zip(samples, prepared)):
                 result = results.get(k)
                 if isinstance(result, Exception):

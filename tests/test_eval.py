@@ -120,3 +120,10 @@ def test_two_processes_give_the_predictions_of_one(setup, uninterrupted, tmp_pat
     assert lines(out) == lines(uninterrupted)
     summary = lambda p: comparable(json.load(open(str(p)[:-len(".jsonl")] + ".summary.json")))
     assert summary(out) == summary(uninterrupted)
+
+
+def test_two_devices_of_one_process_give_the_same_predictions(setup, uninterrupted, tmp_path):
+    checkpoint, data = setup
+    out = tmp_path / "preds.jsonl"
+    finish(start(command(checkpoint, data, out), str(tmp_path / "log"), devices=2), str(tmp_path / "log"))
+    assert lines(out) == lines(uninterrupted)
