@@ -106,6 +106,7 @@ def test_the_final_params_are_exported_as_a_loadable_checkpoint(uninterrupted):
     config, params = qwen2vl_jax.load(summary["export"])  # checks names and shapes against the exported config.json
     processor = Processor.from_pretrained(summary["export"])
     assert config.image_token_id == processor.tokenizer.image_token_id and config.text.vocab_size == 448
+    assert processor.image_options.max_pixels == 140 * 140  # inference resizes as training did
     trained = np.asarray(params["language_model"]["embed_tokens"])
     assert np.isfinite(trained).all() and trained.std() > 0
 

@@ -18,9 +18,11 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "
               "video_preprocessor_config.json", "generation_config.json", "vocab.json", "merges.txt")
 
 
-def export_params(directory: str, config: Qwen2VLConfig, params, tokenizer_dir: str | None) -> str:
+def export_params(directory: str, config: Qwen2VLConfig, params, tokenizer_dir: str | None,
+                  pixel_bounds: dict | None = None) -> str:
     """Writes `params` (global jax arrays, any sharding; every process calls this) into `directory`, replacing an
-    earlier export. → directory."""
+    earlier export; `pixel_bounds` ({"min_pixels", "max_pixels"}, the training data's) go into
+    preprocessor_config.json, so inference resizes images as training did. → directory."""
     out = epath.Path(directory)
     if jax.process_index() == 0 and out.exists():
         out.rmtree()
@@ -35,5 +37,10 @@ def export_params(directory: str, config: Qwen2VLConfig, params, tokenizer_dir: 
         for name in SIDE_FILES if tokenizer_dir else ():
             source = epath.Path(tokenizer_dir) / name
             if source.exists():
-                (out / name).write_text(source.read_text())
+                text = source.read_text()
+                if name == "preprocessor_config.json" and pixel_bounds:
+                    settings = json.loads(text)
+                    settings.pop("size", None)  # min/max_pixels win over "size"; keep one source of truth
+                    text = json.dumps(settings | {k: int(v) for k, v in pixel_bounds.items() if v}, indent=2)
+                (out / name).write_text(text)
     return str(out)

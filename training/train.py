@@ -179,8 +179,10 @@ def train(config, workdir: str) -> dict:
         checkpoints.close()
         if summary["steps"] == config.steps:
             from training.export import export_params
-            summary["export"] = export_params(os.path.join(workdir, "export"), model_config,
-                                              summary["state"].params, tokenizer_folder(config, workdir))
+            summary["export"] = export_params(
+                os.path.join(workdir, "export"), model_config, summary["state"].params,
+                tokenizer_folder(config, workdir),
+                {"min_pixels": config.data.min_pixels, "max_pixels": config.data.max_pixels})
     if config.get("demo_eval") and not summary["preempted"] and jax.process_index() == 0:
         from training.demo_eval import evaluate_demo
         summary["demo_eval"] = evaluate_demo(config, workdir, model_config, processor, summary.pop("state"))
