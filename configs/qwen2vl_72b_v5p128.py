@@ -14,7 +14,7 @@ def get_config():
     c = base()
     c.stage = "llm"
     c.mesh = "fsdp=16,tensor=4"
-    c.model.update(dict(preset="72b", remat="full", scan_layers=True, dtype="bfloat16", param_dtype="float32"))
+    c.model.preset = "72b"
     c.data.update(dict(batch_size=64, length_buckets=(1024, 2048, 4096), vision_buckets=(16384, 32768, 65536)))
     c.optim.update(dict(learning_rate=5e-6, warmup_steps=200))
     c.steps = 5000

@@ -9,10 +9,8 @@ from configs.common import base
 
 
 def get_config():
-    c = base()
+    c = base()  # its defaults are this plan's: remat full, scan, bf16 compute, fp32 params, 16 × ≤ 2048 tokens
     c.mesh = "fsdp=4"
-    c.model.update(dict(preset="7b", remat="full", scan_layers=True, dtype="bfloat16", param_dtype="float32"))
-    c.data.update(dict(batch_size=16, length_buckets=(512, 1024, 2048), vision_buckets=(4096, 8192, 16384)))
-    c.optim.update(dict(learning_rate=1e-5, warmup_steps=100))
+    c.model.preset = "7b"
     c.steps = 10000
     return c

@@ -315,3 +315,12 @@ def open_source(spec: str, data_dir=None):
         return JsonlSource(spec)
     raise ValueError(f"open_source: cannot interpret {spec!r}; use 'jsonl:PATH[?root=DIR]', "
                      "'tfds:NAME[:SPLIT]' (with data_dir=...) or a path ending in .jsonl")
+
+
+def question_text(messages: list) -> str:
+    """All text of `messages` (their text items joined by spaces), e.g. the question of a user turn."""
+    parts = []
+    for m in messages:
+        content = m.get("content")
+        parts += [content] if isinstance(content, str) else [i.get("text", "") for i in content if "text" in i]
+    return " ".join(p for p in parts if p).strip()

@@ -79,15 +79,6 @@ def user_turn(question: str, images: int, videos: int) -> dict:
     return {"role": "user", "content": content + [{"type": "text", "text": question}]}
 
 
-def question_text(messages: list) -> str:
-    """All text of the user turns."""
-    parts = []
-    for m in messages:
-        content = m.get("content")
-        parts += [content] if isinstance(content, str) else [i.get("text", "") for i in content if "text" in i]
-    return " ".join(p for p in parts if p).strip()
-
-
 def open_eval_source(spec: str, data_dir: str | None = None):
     if spec.startswith("tfds:"):
         name, _, split = spec[len("tfds:"):].partition(":")

@@ -23,7 +23,8 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from evaluation.data import open_eval_source, question_text
+from data_pipeline.sources import question_text
+from evaluation.data import open_eval_source
 from evaluation.metrics import METRICS
 
 METRIC_NAMES = {"vqa": "vqa_accuracy", "docvqa": "anls", "chartqa": "relaxed_accuracy", "refcoco": "acc@iou0.5",

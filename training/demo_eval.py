@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipeline.pipeline import training_batches
-from data_pipeline.sources import open_source
+from data_pipeline.sources import open_source, question_text
 from qwen2vl_jax.model import Qwen2VL
 from training.metrics import read_metrics
 from training.step import IGNORE
@@ -23,8 +23,7 @@ from training.step import IGNORE
 
 def question_of(record: dict) -> str:
     """The first user turn's text."""
-    content = record["messages"][0]["content"]
-    return content if isinstance(content, str) else " ".join(i.get("text", "") for i in content if "text" in i)
+    return question_text(record["messages"][:1])
 
 
 def text_only_baseline(train_source) -> dict[str, str]:
@@ -50,7 +49,7 @@ def evaluate_demo(config, workdir: str, model_config, processor, state) -> dict:
 
     data_dir = data_folder(config, workdir)
     test, train = (open_source(s, data_dir=data_dir) for s in (config.data.eval, config.data.train))
-    records = {test[i]["id"]: test[i] for i in range(len(test))}
+    records = {r["id"]: r for r in (test[i] for i in range(len(test)))}
     data = config.data.copy_and_resolve_references()
     with data.unlocked():
         data.update(pack=False, shuffle=False, num_epochs=1)

@@ -26,6 +26,9 @@ def export_params(directory: str, config: Qwen2VLConfig, params, tokenizer_dir: 
     out = epath.Path(directory)
     if jax.process_index() == 0 and out.exists():
         out.rmtree()
+    if jax.process_count() > 1:  # nobody starts writing before the old export is gone
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("qwen2vl-train: old export removed")
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / PARAMS_DIR, params)
     if jax.process_index() == 0:

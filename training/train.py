@@ -48,10 +48,7 @@ def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor]
     """→ (model config, processor): init_from's config, or the preset with config.model's changes and the
     tokenizer's token ids. The tokenizer comes from config.tokenizer, else from init_from; "demo" writes the demo's
     compact tokenizer into WORKDIR/tokenizer."""
-    tokenizer_dir = tokenizer_folder(config, workdir)
-    if config.tokenizer == "demo" and not (epath.Path(tokenizer_dir) / "tokenizer.json").exists():
-        from data_pipeline.synthetic import write_demo_processor
-        write_demo_processor(tokenizer_dir)
+    tokenizer_dir = demo_tokenizer(workdir) if config.tokenizer == "demo" else tokenizer_folder(config, workdir)
     if not tokenizer_dir:
         raise ValueError("set --config.tokenizer (a folder with tokenizer.json and preprocessor_config.json) or "
                          "--config.init_from (a converted checkpoint, which carries its tokenizer)")
@@ -87,6 +84,15 @@ def demo_tokenizer_dir(workdir: str) -> str:
     return os.path.join(workdir, "tokenizer")
 
 
+def demo_tokenizer(workdir: str) -> str:
+    """WORKDIR/tokenizer, with the demo's tokenizer written there unless it already is. → the folder."""
+    folder = demo_tokenizer_dir(workdir)
+    if not (epath.Path(folder) / "tokenizer.json").exists():
+        from data_pipeline.synthetic import write_demo_processor
+        write_demo_processor(folder)
+    return folder
+
+
 def tokenizer_folder(config, workdir: str) -> str:
     """Where the run's tokenizer.json + preprocessor_config.json live ("" when nowhere)."""
     return demo_tokenizer_dir(workdir) if config.tokenizer == "demo" else (config.tokenizer or config.init_from)
@@ -98,8 +104,7 @@ def prepare_workdir(config, workdir: str) -> None:
         epath.Path(workdir).mkdir(parents=True, exist_ok=True)
         (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
         if config.tokenizer == "demo":
-            from data_pipeline.synthetic import write_demo_processor
-            write_demo_processor(demo_tokenizer_dir(workdir))
+            demo_tokenizer(workdir)
         if config.data.get("demo_set"):
             import tensorflow_datasets as tfds
 
@@ -124,13 +129,14 @@ def place(batch: dict, mesh) -> dict:
                                   device_batch, shardings), shardings
 
 
-def model_flops_per_token(config: Qwen2VLConfig) -> tuple[float, float]:
-    """≈ (FLOPs per text token, FLOPs per vision patch) of a training step: 6 × the parameters each passes through
-    (forward + backward; attention scores and the merger's 4× row reduction ignored)."""
+def model_flops_per_token(params) -> tuple[float, float]:
+    """≈ (FLOPs per text token, FLOPs per vision patch) of a training step for a params tree (shapes suffice):
+    6 × the parameters each passes through (forward + backward; attention scores and the merger's 4× row reduction
+    ignored)."""
     from training.step import group_of
 
     sizes = {"vision": 0, "merger": 0, "llm": 0}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nn.unbox(abstract_params(config))):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         sizes[group_of(path)] += leaf.size
     return 6.0 * sizes["llm"], 6.0 * (sizes["vision"] + sizes["merger"])
 
@@ -152,7 +158,8 @@ def train(config, workdir: str) -> dict:
     dataset = training_batches(source, processor, model_config, config.data, seed=config.seed)
 
     with jax.set_mesh(mesh):
-        trainable = trainable_mask(nn.unbox(abstract_params(model_config)), config.stage)
+        shapes = nn.unbox(abstract_params(model_config))
+        trainable = trainable_mask(shapes, config.stage)
         o = config.optim
         # steps counts batches; with grad_accum k the optimizer makes steps / k updates (warmup_steps counts updates)
         optimizer = make_optimizer(o.learning_rate, warmup_steps=o.warmup_steps,
@@ -167,7 +174,7 @@ def train(config, workdir: str) -> dict:
         first = checkpoints.latest_step() or 0
         if first:  # resume: nothing is initialized or loaded, the checkpoint is read straight into its shardings
             abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                              jax.eval_shape(make_state, nn.unbox(abstract_params(model_config))),
+                                              jax.eval_shape(make_state, shapes),
                                               s_shardings)
             state, data_state = checkpoints.restore(first, abstract)
             iterator.set_state(data_state)
@@ -175,7 +182,7 @@ def train(config, workdir: str) -> dict:
         else:
             state = make_state(initial_params(config, model_config, mesh))
         summary = run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings, iterator,
-                           checkpoints, first)
+                           checkpoints, first, model_flops_per_token(shapes))
         checkpoints.close()
         if summary["steps"] == config.steps:
             from training.export import export_params
@@ -191,7 +198,7 @@ def train(config, workdir: str) -> dict:
 
 
 def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings, iterator, checkpoints,
-             first: int) -> dict:
+             first: int, flops_per_token: tuple[float, float]) -> dict:
     steps = {}  # jitted step per batch-sharding layout
 
     def step_for(shardings):
@@ -203,7 +210,7 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
 
     accum = config.optim.grad_accum
     schedule = learning_rate_schedule(config.optim.learning_rate, config.optim.warmup_steps, config.steps // accum)
-    text_flops, vision_flops = model_flops_per_token(model_config)
+    text_flops, vision_flops = flops_per_token
     peak = peak_flops()
     writer = MetricsWriter(workdir, config.steps, first, tensorboard=config.get("tensorboard", True))
     preemption = Preemption()
