@@ -44,7 +44,7 @@ def measure(config, source, processor, model_config, examples: int, **data_chang
         totals["padded_vision"] += int(s["padded_vision_rows"])
         totals["examples"] += int(s["examples"])
         totals["batches"] += 1
-        shapes.add((batch["input_ids"].shape, batch["vision_pixels"].shape[0], batch["loss_index"].shape[0]))
+        shapes.add((batch["input_ids"].shape, batch["vision_pixels"].shape[1], batch["loss_index"].shape[1]))
     return {"token_efficiency": totals["tokens"] / totals["padded_tokens"],
             "vision_efficiency": totals["vision"] / totals["padded_vision"],
             "examples_per_batch": totals["examples"] / totals["batches"], "batches": totals["batches"],

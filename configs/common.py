@@ -36,5 +36,6 @@ def base() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.max_nonfinite_steps = 50  # stop when the loss stays NaN/inf this long (each such update is skipped)
     c.tensorboard = True
+    c.compile_cache = "{workdir}/compile_cache"  # JAX's persistent compilation cache (local or gs://); "" = off
     c.demo_eval = False
     return c

@@ -1,22 +1,30 @@
-"""Examples → static-shape training batches: bucketed, optionally packed, bad examples counted and skipped.
+"""Examples → static-shape training batches: bucketed, optionally packed, one packed ViT sequence per batch shard.
 
-`Batches(parent, layout)` is a grain IterDataset over examples (from `transforms.ToExample`). Each batch holds
-`layout.rows` rows. Without packing a row holds one example; with packing, examples go first-fit into rows of at most
-the largest length rung, each example its own segment (segment ids 1, 2, ... in attention_mask; positions restart
-per example, so packed examples never see each other). The row length is the smallest length rung that holds the
-longest row, and the vision patch rows are padded to the smallest vision rung, so a whole run compiles at most
-len(length ladder) × len(vision ladder) (+ text-only) train-step programs.
+The global batch is cut into `layout.shards` batch shards (the mesh's data × fsdp devices; 1 on one device). Each
+shard has its OWN example stream (`Batches(parents, layout, shard_ids)`: one grain IterDataset per shard, reading
+records s, s + S, s + 2S, …) and fills its B/S rows and its share of the vision budget from it. A process builds only
+the shards of its own devices, so on a pod every host reads and decodes only its share, and the batches do not
+depend on how many processes there are: one process with 2 devices builds exactly what 2 processes build together.
 
-A batch is a dict of numpy arrays, in `training.step`'s layout:
-    input_ids int32[B, L]; labels int32[B, L]; loss_index, loss_targets int32[K] (training.step.selected_cross_entropy);
-    prepared: {attention_mask (segment ids) int32[B, L],
-    position_ids int32[3, B, L], splice_index int32[B, L], vision_pos_hw int32[V, 2], vision_segment_ids int32[V]};
-    vision_pixels float32[V, 1176] (absent when no example of the batch has media);
+Each shard's rows hold one example each (or, packed, several first-fit, each its own segment: segment ids 1, 2, … in
+attention_mask, positions restarting per example, so packed examples never see each other). The shards then agree on
+one shape (across processes by a small collective, hosts.py): the row length is the smallest length rung that
+holds every shard's longest row, the vision rows per shard the smallest rung of the per-shard vision ladder
+(data.vision_buckets ÷ S) that holds every shard's patches, the LM-head positions per row the smallest loss fraction
+holding every row's targets. A run compiles at most len(length ladder) × len(vision ladder) × len(loss ladder)
+(+ text-only) train-step programs.
+
+A batch is a dict of numpy arrays, in `training.step`'s layout (S = shards built here, B = S × rows per shard):
+    input_ids int32[B, L]; labels int32[B, L]; loss_index, loss_targets int32[B, K] (positions within each row;
+    training.step.selected_cross_entropy);
+    prepared: {attention_mask (segment ids) int32[B, L], position_ids int32[3, B, L], splice_index int32[B, L] (into
+    the row's own shard's merged features), vision_pos_hw int32[S, V, 2], vision_segment_ids int32[S, V]};
+    vision_pixels float32[S, V, 1176] (absent when no shard of the batch has media);
     stats: {examples, skipped, real_tokens, padded_tokens, real_vision_rows, padded_vision_rows} int64 scalars;
     example_ids: the ids of each row's examples (a list per row). stats and example_ids stay on the host.
 
-Resuming is exact: a batch is made of consecutive examples, and an example that did not fit is held for the next
-batch, so the iterator state is the parent's state before the first example of the next batch."""
+Resuming is exact: a shard's rows are consecutive examples of its stream, and an example that did not fit is held
+for the next batch, so each shard's state is its stream's state before the first example of its next batch."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,89 +35,123 @@ import numpy as np
 
 from qwen2vl_jax.buckets import rung
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.inputs import splice_index, vision_layout
-from training.step import IGNORE
+from qwen2vl_jax.inputs import IGNORE, splice_index, vision_layout
 
 log = logging.getLogger(__name__)
 
-
 @dataclasses.dataclass(frozen=True)
 class BatchLayout:
-    rows: int
+    rows: int  # global batch rows (data.batch_size)
     lengths: tuple[int, ...]  # length ladder (tokens per row)
-    vision_rows: tuple[int, ...]  # vision ladder (patch rows per batch)
+    vision_rows: tuple[int, ...]  # vision ladder (patch rows per global batch; each shard gets rung / shards)
     pack: bool
     config: Qwen2VLConfig  # token ids and merge size
-    # the LM head runs on K = f·B·L positions, f the smallest of these fractions that holds every target (a ladder
-    # too); () = on all positions
+    # the LM head runs on K = f·L positions of each row, f the smallest of these fractions that holds every row's
+    # targets (a ladder too); () = on all positions
     loss_fractions: tuple[float, ...] = (0.125, 0.5, 1.0)
+    shards: int = 1  # batch shards (the mesh's batch devices): each its own rows, stream and packed ViT sequence
+
+    def __post_init__(self):
+        group = self.config.vision.spatial_merge_size**2
+        if self.rows % self.shards:
+            raise ValueError(f"data.batch_size={self.rows} is not a multiple of the {self.shards} batch shards of the "
+                             f"mesh (its data × fsdp devices); set data.batch_size to a multiple of {self.shards}")
+        bad = [v for v in self.vision_rows if v % (self.shards * group)]
+        if bad:
+            raise ValueError(f"data.vision_buckets {list(self.vision_rows)}: {bad} cannot be split into "
+                             f"{self.shards} batch shards of whole {group}-patch merge groups; use multiples of "
+                             f"{self.shards * group}")
+
+    @property
+    def rows_per_shard(self) -> int:
+        return self.rows // self.shards
+
+    @property
+    def shard_vision_rows(self) -> tuple[int, ...]:
+        return tuple(v // self.shards for v in self.vision_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """The agreed padded sizes of one batch: tokens per row, vision rows per shard (0: text-only), head positions
+    per row (0: the head on every position)."""
+    length: int
+    vision_rows: int
+    loss_rows: int
+
+
+# a shard's needs as plain ints: longest row, patch rows, most targets in one row
+Needs = tuple[int, int, int]
 
 
 class Batches(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, layout: BatchLayout):
-        super().__init__(parent)
-        self.layout = layout
+    """Batches over one example stream per batch shard built here: `parents[i]` feeds shard `shard_ids[i]` (default
+    0, 1, …). `hosts` (a hosts.HostAgreement; None on one process) merges the shards' bucket needs with the other
+    processes', raises on every process when one of them failed, and collects all shards' positions at a
+    checkpoint."""
+
+    def __init__(self, parents, layout: BatchLayout, shard_ids=None, hosts=None):
+        parents = list(parents) if isinstance(parents, (list, tuple)) else [parents]
+        super().__init__(parents)
+        self.layout, self.hosts = layout, hosts
+        self.shard_ids = tuple(range(len(parents)) if shard_ids is None else shard_ids)
 
     def __iter__(self) -> BatchIterator:
-        return BatchIterator(self._parent.__iter__(), self.layout)
+        return BatchIterator([p.__iter__() for p in self._parents], self.layout, self.shard_ids, self.hosts)
 
 
 class BatchIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, layout: BatchLayout):
-        super().__init__(parent)
-        self.layout = layout
-        self._held = None  # (example, parent state before it) that did not fit the previous batch
-        self._reported: set = set()
+    def __init__(self, parents, layout: BatchLayout, shard_ids, hosts=None):
+        super().__init__(parents)
+        self.layout, self.shard_ids, self.hosts = layout, shard_ids, hosts
+        self._streams = [_ShardStream(p, layout) for p in parents]
 
     def get_state(self) -> dict:
-        return {"parent": self._held[1] if self._held else self._parent.get_state()}
+        """{"shards": {shard id: position}}, over every process's shards when `hosts` is set (call it on all
+        processes at once, as a checkpoint does)."""
+        local = {"shards": {str(s): stream.get_state() for s, stream in zip(self.shard_ids, self._streams)}}
+        return self.hosts.states(local) if self.hosts is not None else local
 
     def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["parent"])
-        self._held = None
+        if "shards" not in state:  # a checkpoint from before per-shard streams: one stream
+            state = {"shards": {"0": state}}
+        missing = sorted(set(map(str, self.shard_ids)) - set(state["shards"]))
+        if missing:
+            raise ValueError(f"the data iterator state has no position for batch shards {missing}: the checkpoint was "
+                             f"written with another mesh; resume with the mesh it was trained with")
+        for s, stream in zip(self.shard_ids, self._streams):
+            stream.set_state(state["shards"][str(s)])
 
     def __next__(self) -> dict:
-        lay = self.layout
-        rows: list[list[dict]] = [[] for _ in range(lay.rows)]
-        fill, vision, skipped = [0] * lay.rows, 0, 0
-        while True:
-            if self._held:
-                example, before = self._held
-                self._held = None
-            else:
-                before = self._parent.get_state()
-                try:
-                    example = next(self._parent)
-                except StopIteration:
-                    if any(rows):
-                        break
-                    raise
-            if "error" in example:
-                skipped += 1
-                self._report(example)
-                continue
-            n, v = len(example["input_ids"]), len(example["pixels"])
-            slot = next((i for i in range(lay.rows) if (not rows[i] or lay.pack) and
-                         fill[i] + n <= lay.lengths[-1]), None)
-            if slot is None or vision + v > lay.vision_rows[-1]:
-                self._held = (example, before)
-                break
-            rows[slot].append(example)
-            fill[slot] += n
-            vision += v
-        return self._collate(rows, skipped)
+        picks, error = [], None
+        try:
+            picks = [stream.pick() for stream in self._streams]
+        except Exception as e:  # StopIteration included: still join the agreement, so other hosts stop with us
+            error, picks = e, []
+        needs = _merge([_needs(rows, self.layout) for rows, _ in picks])
+        if self.hosts is not None:
+            needs = self.hosts.needs(needs, error)
+        if error is not None:
+            raise error
+        shape = self._shape(needs)
+        parts = [self._collate(rows, shape) for rows, _ in picks]
+        return _combine(parts, skipped=sum(skipped for _, skipped in picks))
 
-    def _report(self, example: dict) -> None:
-        if example["id"] not in self._reported:
-            self._reported.add(example["id"])
-            log.warning("skipping sample %s: %s", example["id"], example["error"])
-
-    def _collate(self, rows: list[list[dict]], skipped: int) -> dict:
+    def _shape(self, needs: Needs) -> Shape:
         lay = self.layout
-        length = rung(lay.lengths, max(sum(len(e["input_ids"]) for e in row) for row in rows), "row length")
-        shape = (lay.rows, length)
-        ids, labels = np.full(shape, lay.config.pad_token_id, np.int32), np.full(shape, IGNORE, np.int32)
-        segments, positions = np.zeros(shape, np.int32), np.zeros((3,) + shape, np.int32)
+        length = rung(lay.lengths, needs[0], "row length")
+        vision = rung(lay.shard_vision_rows, needs[1], "vision patch rows per shard") if needs[1] else 0
+        loss = 0
+        if lay.loss_fractions:
+            loss = next((int(f * length) for f in sorted(lay.loss_fractions) if int(f * length) >= needs[2]), length)
+        return Shape(length, vision, loss)
+
+    def _collate(self, rows: list[list[dict]], shape: Shape) -> dict:
+        """One shard's rows → its part of the batch (arrays of the layout above with S = 1)."""
+        lay = self.layout
+        dims = (len(rows), shape.length)
+        ids, labels = np.full(dims, lay.config.pad_token_id, np.int32), np.full(dims, IGNORE, np.int32)
+        segments, positions = np.zeros(dims, np.int32), np.zeros((3,) + dims, np.int32)
         for r, row in enumerate(rows):
             at = 0
             for s, e in enumerate(row, start=1):
@@ -128,20 +170,112 @@ class BatchIterator(grain.DatasetIterator):
         video_tokens = sum(int(np.prod(g)) for g, _ in videos) // merge**2
         index = splice_index(ids, lay.config, image_tokens, video_tokens)
         real_vision = sum(len(p) for _, p in images + videos)
-        padded_vision = rung(lay.vision_rows, real_vision, "vision patch rows") if real_vision else 0
-        pos_hw, vision_segments = vision_layout(grids, merge, padded_vision)
-        batch = dict(input_ids=ids, labels=labels, **loss_positions(labels, segments, lay.loss_fractions),
-                     prepared=dict(attention_mask=segments, position_ids=positions, splice_index=index,
-                                   vision_pos_hw=pos_hw, vision_segment_ids=vision_segments))
-        if real_vision:
-            pixels = np.zeros((padded_vision, examples[0]["pixels"].shape[1]), np.float32)
-            pixels[:real_vision] = np.concatenate([p for _, p in images + videos])
-            batch["vision_pixels"] = pixels
-        batch["example_ids"] = [[e["id"] for e in row] for row in rows]
-        batch["stats"] = {k: np.int64(v) for k, v in dict(
-            examples=len(examples), skipped=skipped, real_tokens=int((segments > 0).sum()),
-            padded_tokens=segments.size, real_vision_rows=real_vision, padded_vision_rows=padded_vision).items()}
-        return batch
+        part = dict(input_ids=ids, labels=labels, prepared=dict(attention_mask=segments, position_ids=positions,
+                                                               splice_index=index))
+        if shape.loss_rows:
+            part.update(loss_positions(labels, segments, shape.loss_rows))
+        if shape.vision_rows:
+            pos_hw, vision_segments = vision_layout(grids, merge, shape.vision_rows)
+            part["prepared"].update(vision_pos_hw=pos_hw[None], vision_segment_ids=vision_segments[None])
+            pixels = np.zeros((1, shape.vision_rows, lay.config.vision.patch_dim), np.float32)
+            if real_vision:
+                pixels[0, :real_vision] = np.concatenate([p for _, p in images + videos])
+            part["vision_pixels"] = pixels
+        part["example_ids"] = [[e["id"] for e in row] for row in rows]
+        part["stats"] = dict(examples=len(examples), real_tokens=int((segments > 0).sum()), padded_tokens=segments.size,
+                             real_vision_rows=real_vision, padded_vision_rows=shape.vision_rows)
+        return part
+
+
+class _ShardStream:
+    """One batch shard's example stream: picks the examples of its next rows (first-fit when packing), holding back
+    the one that did not fit; skips (and reports once) examples that failed to load."""
+
+    def __init__(self, parent: grain.DatasetIterator, layout: BatchLayout):
+        self._parent, self.layout = parent, layout
+        self._held = None  # (example, parent state before it) that did not fit the previous batch
+        self._reported: set = set()
+
+    def get_state(self) -> dict:
+        return {"parent": self._held[1] if self._held else self._parent.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["parent"])
+        self._held = None
+
+    def pick(self) -> tuple[list[list[dict]], int]:
+        """→ (rows_per_shard lists of examples, examples skipped). StopIteration when the stream is exhausted."""
+        lay = self.layout
+        rows: list[list[dict]] = [[] for _ in range(lay.rows_per_shard)]
+        fill, vision, skipped = [0] * lay.rows_per_shard, 0, 0
+        while True:
+            if self._held:
+                example, before = self._held
+                self._held = None
+            else:
+                before = self._parent.get_state()
+                try:
+                    example = next(self._parent)
+                except StopIteration:
+                    if any(rows):
+                        break
+                    raise
+            if "error" in example:
+                skipped += 1
+                self._report(example)
+                continue
+            n, v = len(example["input_ids"]), len(example["pixels"])
+            slot = next((i for i in range(lay.rows_per_shard) if (not rows[i] or lay.pack) and
+                         fill[i] + n <= lay.lengths[-1]), None)
+            if slot is None or vision + v > lay.shard_vision_rows[-1]:
+                self._held = (example, before)
+                break
+            rows[slot].append(example)
+            fill[slot] += n
+            vision += v
+        return rows, skipped
+
+    def _report(self, example: dict) -> None:
+        if example["id"] not in self._reported:
+            self._reported.add(example["id"])
+            log.warning("skipping sample %s: %s", example["id"], example["error"])
+
+
+def _needs(rows: list[list[dict]], layout: BatchLayout) -> Needs:
+    """A shard's (longest row, patch rows, most targets in a row)."""
+    longest = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    vision = sum(len(e["pixels"]) for row in rows for e in row)
+    targets = max(_row_targets(row) for row in rows) if layout.loss_fractions else 0
+    return longest, vision, targets
+
+
+def _row_targets(row: list[dict]) -> int:
+    """Targets a packed row holds: each example's labelled tokens after its first (the shift stays in the example)."""
+    return sum(int((np.asarray(e["labels"])[1:] != IGNORE).sum()) for e in row)
+
+
+def _merge(needs: list[Needs]) -> Needs:
+    return tuple(max((n[i] for n in needs), default=0) for i in range(3))
+
+
+def _combine(parts: list[dict], skipped: int) -> dict:
+    """The shards' parts → one batch: rows concatenated, vision arrays stacked on the shard axis."""
+    def cat(key, axis, tree=lambda p: p):
+        return np.concatenate([tree(p)[key] for p in parts], axis=axis)
+
+    batch = {k: cat(k, 0) for k in ("input_ids", "labels")}
+    prepared = {k: cat(k, 0, lambda p: p["prepared"]) for k in ("attention_mask", "splice_index")}
+    prepared["position_ids"] = cat("position_ids", 1, lambda p: p["prepared"])
+    if "loss_index" in parts[0]:
+        batch |= {k: cat(k, 0) for k in ("loss_index", "loss_targets")}
+    if "vision_pixels" in parts[0]:
+        batch["vision_pixels"] = cat("vision_pixels", 0)
+        prepared |= {k: cat(k, 0, lambda p: p["prepared"]) for k in ("vision_pos_hw", "vision_segment_ids")}
+    batch["prepared"] = prepared
+    batch["example_ids"] = [row for p in parts for row in p["example_ids"]]
+    totals = {k: sum(p["stats"][k] for p in parts) for k in parts[0]["stats"]}
+    batch["stats"] = {k: np.int64(v) for k, v in (totals | {"skipped": skipped}).items()}
+    return batch
 
 
 def _split(pixels: np.ndarray, grids: np.ndarray, start: int):
@@ -152,18 +286,15 @@ def _split(pixels: np.ndarray, grids: np.ndarray, start: int):
         start += n
 
 
-def loss_positions(labels: np.ndarray, segments: np.ndarray, fractions: tuple[float, ...]) -> dict:
-    """loss_index int32[K]: flat positions p (into B·L) whose next token is a target of the same example;
-    loss_targets int32[K]: those targets, IGNORE where K is padding."""
-    if not fractions:
-        return {}
+def loss_positions(labels: np.ndarray, segments: np.ndarray, per_row: int) -> dict:
+    """loss_index int32[B, per_row]: positions p within each row whose next token is a target of the same example;
+    loss_targets int32[B, per_row]: those targets, IGNORE where a row has fewer (index 0 there)."""
     B, L = labels.shape
     take = (labels[:, 1:] != IGNORE) & (segments[:, 1:] == segments[:, :-1])
-    rows, cols = np.nonzero(take)
-    need = len(rows)
-    per_row = next((int(f * L) for f in sorted(fractions) if int(f * L) * B >= need), L)
-    index, targets = np.zeros(B * per_row, np.int32), np.full(B * per_row, IGNORE, np.int32)
-    index[:need], targets[:need] = rows * L + cols, labels[rows, cols + 1]
+    index, targets = np.zeros((B, per_row), np.int32), np.full((B, per_row), IGNORE, np.int32)
+    for r in range(B):
+        cols = np.flatnonzero(take[r])
+        if len(cols) > per_row:
+            raise ValueError(f"row {r} has {len(cols)} targets but the LM head takes {per_row} positions per row")
+        index[r, :len(cols)], targets[r, :len(cols)] = cols, labels[r, cols + 1]
     return {"loss_index": index, "loss_targets": targets}
-
-

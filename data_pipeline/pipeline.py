@@ -37,28 +37,35 @@ def check_token_ids(processor: Processor, config: Qwen2VLConfig) -> None:
                          f"{config.text.vocab_size}")
 
 
-def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, data, *, seed: int,
-                     shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
-    """Batches of `source` (a grain random-access source of records, see sources.py). With shard_count > 1 this
-    process reads every shard_count-th record from shard_index (per-host input)."""
+def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, data, *, seed: int, shards: int = 1,
+                     shard_ids=None, hosts=None) -> grain.IterDataset:
+    """Batches of `source` (a grain random-access source of records, see sources.py) for a batch cut into `shards`
+    batch shards (the mesh's batch devices, sharding.rules.batch_shard_count), of which this process builds
+    `shard_ids` (default: all). Shard s reads records s, s + shards, … (shuffled with `seed`), so each process reads
+    and decodes only its devices' share. `hosts`: a hosts.HostAgreement when several processes build one batch."""
     check_token_ids(processor, model_config)
     processor = with_pixel_bounds(processor, data.min_pixels, data.max_pixels)
-    ds = grain.MapDataset.source(source)
-    if shard_count > 1:
-        ds = ds[shard_index::shard_count]
-    if data.shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(data.num_epochs)
-    ds = ds.map(ToExample(processor, max_length=max(data.length_buckets), max_vision_rows=max(data.vision_buckets),
-                          truncate=data.truncate))
-    ds = ds.to_iter_dataset()
-    if data.workers:
+    layout = BatchLayout(rows=data.batch_size, lengths=tuple(data.length_buckets),
+                         vision_rows=tuple(data.vision_buckets), pack=data.pack, config=model_config,
+                         loss_fractions=tuple(data.get("loss_fractions", BatchLayout.loss_fractions)), shards=shards)
+    shard_ids = tuple(range(shards) if shard_ids is None else shard_ids)
+    transform = ToExample(processor, max_length=max(data.length_buckets),
+                          max_vision_rows=max(layout.shard_vision_rows), truncate=data.truncate)
+    workers = max(data.workers // len(shard_ids), 1) if data.workers else 0
+    if workers:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app take the defaults
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.workers))
-    layout = BatchLayout(rows=data.batch_size, lengths=tuple(data.length_buckets),
-                         vision_rows=tuple(data.vision_buckets), pack=data.pack, config=model_config,
-                         loss_fractions=tuple(data.get("loss_fractions", BatchLayout.loss_fractions)))
-    return Batches(ds, layout)
+    streams = []
+    for s in shard_ids:
+        ds = grain.MapDataset.source(source)
+        if shards > 1:
+            ds = ds[s::shards]
+        if data.shuffle:
+            ds = ds.shuffle(seed=seed)
+        ds = ds.repeat(data.num_epochs).map(transform).to_iter_dataset()
+        if workers:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        streams.append(ds)
+    return Batches(streams, layout, shard_ids, hosts)

@@ -27,7 +27,7 @@ from qwen2vl_jax.processing.image import preprocess_image
 from qwen2vl_jax.processing.loading import load_image
 from qwen2vl_jax.processing.video import preprocess_video
 from qwen2vl_jax.rope import get_rope_index
-from training.step import IGNORE
+from qwen2vl_jax.inputs import IGNORE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

@@ -9,16 +9,23 @@ model uses. Backends (the `implementation` argument):
 - "xla_blockwise": flash-style online softmax over kv blocks that skips blocks no query of a block can see
   (attention_blockwise.py). For the packed ViT (contiguous segments of lengths nᵢ) its cost grows with Σ nᵢ², not
   (Σ nᵢ)²; causal masks skip the upper triangle. Differentiable (custom VJP), jit/grad/scan safe.
-- "cudnn": jax.nn.dot_product_attention(implementation="cudnn") with the mask passed as a boolean array; GPU only,
-  float16/bfloat16 only.
-- "pallas_tpu": the Pallas TPU flash-attention kernel with SegmentIds (attention_pallas.py); TPU only, or anywhere
-  inside `pallas_interpret()` (Pallas TPU interpret mode, for tests on CPU).
+- "cudnn": cuDNN flash attention (attention_cudnn.py) with segment ids as cuDNN's packed-sequence offsets, never a
+  dense mask; cases cuDNN cannot express run blockwise. GPU only, float16/bfloat16 only.
+- "pallas_tpu": Pallas TPU splash attention with segment ids, GQA without repeated k/v (attention_pallas.py); TPU
+  only, or anywhere inside `pallas_interpret()` (Pallas TPU interpret mode, for tests on CPU).
+
+Under a mesh (`jax.set_mesh` + `sharding.rules.axis_rules`), every backend runs per device inside `jax.shard_map`:
+the batch dim over the mesh axes the active rules give the logical name "batch", heads over those of "heads"
+(attention_sharding.py). The kernels then see only their local rows and heads, so nothing is all-gathered to run
+them and the blockwise loops visit local blocks only.
 """
 import jax
 import jax.numpy as jnp
 
 from qwen2vl_jax.attention_blockwise import DEFAULT_BLOCK_SIZE, blockwise_attention, visited_block_pairs
+from qwen2vl_jax.attention_cudnn import cudnn_attention
 from qwen2vl_jax.attention_pallas import pallas_interpret, pallas_tpu_attention
+from qwen2vl_jax.attention_sharding import per_device
 
 IMPLEMENTATIONS = ("xla", "xla_dense", "xla_blockwise", "cudnn", "pallas_tpu")
 # "xla" switches from the dense to the blockwise path at this (query = key) length. Measured on a shared 2-core CPU,
@@ -41,6 +48,12 @@ def dot_product_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, cau
     implementation: one of IMPLEMENTATIONS (see the module docstring).
     """
     _check_inputs(q, k, v, segment_ids, kv_segment_ids)
+    kernel = lambda q, k, v, seg, kv_seg: _local_attention(q, k, v, seg, kv_seg, causal, implementation)
+    return per_device(kernel, q, k, v, segment_ids, kv_segment_ids)
+
+
+def _local_attention(q, k, v, segment_ids, kv_segment_ids, causal, implementation):
+    """The chosen backend on one device's arrays (shapes as `dot_product_attention`)."""
     lq, lk = q.shape[1], k.shape[1]
     if implementation == "xla":
         shared_segments = segment_ids is not None and kv_segment_ids is None
@@ -51,7 +64,7 @@ def dot_product_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, cau
     if implementation == "xla_blockwise":
         return blockwise_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
     if implementation == "cudnn":
-        return _cudnn_attention(q, k, v, segment_ids, kv_segment_ids, causal)
+        return cudnn_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
     if implementation == "pallas_tpu":
         return pallas_tpu_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
     raise ValueError(f"Unknown attention implementation {implementation!r}; "
@@ -105,22 +118,3 @@ def _dense_attention(q, k, v, segment_ids, kv_segment_ids, causal):
     o = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v.dtype), vh, preferred_element_type=jnp.float32)
     o = o / jnp.where(l == 0.0, 1.0, l)
     return o.transpose(0, 3, 1, 2, 4).reshape(B, lq, H, D).astype(q.dtype)
-
-
-def _cudnn_attention(q, k, v, segment_ids, kv_segment_ids, causal):
-    if jax.default_backend() != "gpu":
-        raise ValueError(f"implementation='cudnn' needs an NVIDIA GPU (cuDNN flash attention); the default JAX backend "
-                         f"here is {jax.default_backend()!r}. Use implementation='xla' on CPU or 'pallas_tpu' on TPU.")
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"implementation='cudnn' supports float16/bfloat16 inputs only, got {q.dtype}; cast q, k, v "
-                         "(e.g. config dtype bfloat16) or use implementation='xla'.")
-    lq, lk = q.shape[1], k.shape[1]
-    # cuDNN's own causal mask is top-left aligned; ours is end-aligned, so it is only used when the two agree.
-    native_causal = causal and lq == lk
-    mask = attention_mask(segment_ids, kv_segment_ids, causal and not native_causal, lq, lk)
-    out = jax.nn.dot_product_attention(q, k, v, mask=None if mask is None else mask[:, None],
-                                       is_causal=native_causal, implementation="cudnn")
-    if mask is not None:  # rows that see no key: zeros, like the other backends
-        visible = attention_mask(segment_ids, kv_segment_ids, causal, lq, lk).any(-1)
-        out = jnp.where(visible[:, :, None, None], out, 0).astype(q.dtype)
-    return out

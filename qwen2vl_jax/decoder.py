@@ -90,7 +90,10 @@ class TextModel(nn.Module):
 
     def embed(self, input_ids):
         """input_ids: int[B, L] → [B, L, D] in the compute dtype."""
-        return jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.config.dtype)
+        # the table whole along embed (a parameter gather, as FSDP does for every weight), so the lookup's output
+        # is born in the activations' sharding instead of being all-gathered across the tensor axis
+        table = nn.with_logical_constraint(self.embed_tokens.astype(self.config.dtype), ("vocab", None))
+        return jnp.take(table, input_ids, axis=0)
 
     def __call__(self, inputs_embeds, position_ids, segment_ids):
         """inputs_embeds: [B, L, D]; position_ids: int[3, B, L]; segment_ids: int32[B, L] → logits float32[B, L, V]."""

@@ -64,16 +64,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", help="cast the weights, e.g. float32 (fastest on CPUs) or bfloat16")
+    parser.add_argument("--compile-cache", metavar="DIR",
+                        help="JAX's persistent compilation cache: the next call loads these programs instead of "
+                             "compiling them (default: $JAX_COMPILATION_CACHE_DIR or ~/.cache/qwen2vl-jax/"
+                             "compile_cache; \"\" = off)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    from qwen2vl_jax.compiles import CompileCache, user_cache_dir
+
+    cache = CompileCache(user_cache_dir() if args.compile_cache is None else args.compile_cache)
     try:
-        text = answer(args.checkpoint, args.prompt, args.image, args.video, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                      dtype=args.dtype)
+        with cache:
+            text = answer(args.checkpoint, args.prompt, args.image, args.video, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                          dtype=args.dtype)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"qwen2vl-generate: {error}")
     print(text)
-    print(f"[{time.perf_counter() - start:.1f} s]", file=sys.stderr)
+    programs = cache.programs
+    print(f"[{time.perf_counter() - start:.1f} s; {programs.loaded()} programs loaded from the cache, "
+          f"{programs.compiled()} compiled]", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ import numpy as np
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.rope import get_rope_index
 
+IGNORE = -100  # the label of a position that takes no loss (Hugging Face's convention); data and training share it
+
 
 def grid_array(grid, name: str, merge_size: int = 1) -> np.ndarray:
     """Validates a grid_thw argument: int[n, 3], positive, h and w multiples of `merge_size`."""

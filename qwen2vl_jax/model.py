@@ -49,7 +49,8 @@ class Qwen2VL(nn.Module):
 
     def forward(self, input_ids, prepared, vision_pixels=None):
         """Static shapes only. input_ids: int[B, L]; prepared: the dict from `prepare_inputs`;
-        vision_pixels: float[N, C·T·P·P] (images then videos, padded to N rows) or None → logits float32[B, L, V]."""
+        vision_pixels: float[N, C·T·P·P] (images then videos, padded to N rows), or [S, N, C·T·P·P] per batch shard
+        with prepared's vision arrays shaped alike (see `embed`), or None → logits float32[B, L, V]."""
         features = None
         if vision_pixels is not None:
             features = self.encode_vision(vision_pixels, prepared["vision_pos_hw"], prepared["vision_segment_ids"])
@@ -72,20 +73,33 @@ class Qwen2VL(nn.Module):
         return self.language_model.head(x)
 
     def encode_vision(self, pixels, pos_hw, segment_ids):
-        """pixels: float[N, C·T·P·P]; pos_hw: int32[N, 2]; segment_ids: int32[N] → merged features [N/4, D]."""
+        """pixels: float[N, C·T·P·P]; pos_hw: int32[N, 2]; segment_ids: int32[N] → merged features [N/4, D];
+        or with a leading shard axis S on all three (one packed sequence per batch shard) → [S, N/4, D]."""
         return self.visual(pixels, pos_hw, segment_ids)
 
     def embed(self, input_ids, features=None, splice_index=None):
-        """Token embeddings with vision features spliced in: features [M, D] row splice_index[b, l] replaces
-        position (b, l) wherever splice_index ≥ 0. → [B, L, D]."""
+        """Token embeddings with vision features spliced in → [B, L, D].
+
+        features [M, D]: row splice_index[b, l] replaces position (b, l) wherever splice_index ≥ 0 (any row may take
+        any feature). features [S, M, D] (the ViT run per batch shard): row b belongs to shard b // (B / S) and
+        splice_index indexes that shard's M features, so the splice is a gather within each shard — on a mesh no
+        feature crosses devices."""
         embeds = self.language_model.embed(input_ids)
         if features is None:
             return embeds
         index = jnp.asarray(splice_index)
-        # every sample may take rows from any device's share of the packed features: replicate them first (small:
-        # merged rows × hidden), so the gather lands directly in the batch sharding of the embeddings
-        features = nn.with_logical_constraint(features.astype(embeds.dtype), (None, None))
-        gathered = jnp.take(features, jnp.maximum(index, 0), axis=0)
+        features = features.astype(embeds.dtype)
+        if features.ndim == 2:
+            # replicate the (small: merged rows × hidden) features, so the gather lands in the embeddings' sharding
+            features = nn.with_logical_constraint(features, (None, None))
+            gathered = jnp.take(features, jnp.maximum(index, 0), axis=0)
+        else:
+            (B, L), (S, _, D) = index.shape, features.shape
+            if B % S:
+                raise ValueError(f"{B} batch rows cannot be split over {S} vision shards: B must be a multiple of S")
+            features = nn.with_logical_constraint(features, ("batch", None, "embed"))
+            flat = nn.with_logical_constraint(jnp.maximum(index, 0).reshape(S, B // S * L), ("batch", None))
+            gathered = jnp.take_along_axis(features, flat[..., None], axis=1).reshape(B, L, D)
         return nn.with_logical_constraint(jnp.where((index >= 0)[..., None], gathered, embeds),
                                           ("batch", "length", "embed"))
 

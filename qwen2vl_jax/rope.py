@@ -23,13 +23,13 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def vision_rope(pos_hw: jax.Array, head_dim: int, theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:
-    """pos_hw: int[N, 2] (row, column of each patch) → (cos, sin) float32[N, head_dim].
+    """pos_hw: int[..., N, 2] (row, column of each patch) → (cos, sin) float32[..., N, head_dim].
 
     head_dim/4 frequencies; angles [h·inv | w·inv] repeated twice to cover the head."""
     quarter = head_dim // 2
     inv_freq = 1.0 / theta ** (jnp.arange(0, quarter, 2, dtype=jnp.float32) / quarter)
     pos = pos_hw.astype(jnp.float32)
-    angles = jnp.concatenate([pos[:, 0:1] * inv_freq, pos[:, 1:2] * inv_freq], axis=-1)
+    angles = jnp.concatenate([pos[..., 0:1] * inv_freq, pos[..., 1:2] * inv_freq], axis=-1)
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 

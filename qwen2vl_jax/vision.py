@@ -1,7 +1,9 @@
-"""The Qwen2-VL vision tower, run PACKED: all images and frame-pairs of a batch in one sequence.
+"""The Qwen2-VL vision tower, run PACKED: the images and frame-pairs of a batch in one sequence per batch shard.
 
 Attention is block-diagonal by segment id (one segment per frame-pair), so nothing traced depends on an image's
-size, and the 2×2 PatchMerger turns every 4 consecutive rows into one LLM token."""
+size, and the 2×2 PatchMerger turns every 4 consecutive rows into one LLM token. Inputs may carry a leading shard
+axis S ([S, N, ...], logical name "batch"): each shard's patches are their own packed sequence, so on a mesh the
+ViT's matmuls and attention are data-parallel over S. Without it ([N, ...]) the batch is one sequence (S = 1)."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -19,14 +21,13 @@ class VisionAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, segment_ids):
-        """x: [N, E]; cos, sin: float32[N, hd]; segment_ids: int32[N] → [N, E]."""
+        """x: [S, N, E]; cos, sin: float32[S, N, hd]; segment_ids: int32[S, N] → [S, N, E]."""
         v, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
         qkv = Linear((3, v.num_heads, v.head_dim), ("embed", None, "heads", "head_dim"), dtype=dt, param_dtype=pdt,
                      name="qkv")(x)
-        q, k, val = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, hd]
+        q, k, val = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [S, N, H, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = dot_product_attention(q[None], k[None], val[None], segment_ids=segment_ids[None],
-                                    implementation=self.config.attention)[0]
+        out = dot_product_attention(q, k, val, segment_ids=segment_ids, implementation=self.config.attention)
         return Linear((v.embed_dim,), ("heads", "head_dim", "embed"), in_ndim=2, dtype=dt, param_dtype=pdt,
                       name="proj")(out)
 
@@ -51,7 +52,7 @@ class VisionBlock(nn.Module):
         x = x + VisionAttention(self.config, name="attn")(
             LayerNorm(v.layer_norm_eps, dt, pdt, name="norm1")(x), cos, sin, segment_ids)
         x = x + VisionMLP(self.config, name="mlp")(LayerNorm(v.layer_norm_eps, dt, pdt, name="norm2")(x))
-        return nn.with_logical_constraint(x, ("patches", "embed")), None
+        return nn.with_logical_constraint(x, ("batch", "patches", "embed")), None
 
 
 class PatchMerger(nn.Module):
@@ -60,10 +61,10 @@ class PatchMerger(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        """x: [N, E] → [N / merge², D]."""
+        """x: [S, N, E] → [S, N / merge², D]."""
         v, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
         group = v.spatial_merge_size**2
-        x = LayerNorm(v.layer_norm_eps, dt, pdt, name="ln_q")(x).reshape(-1, group * v.embed_dim)
+        x = LayerNorm(v.layer_norm_eps, dt, pdt, name="ln_q")(x).reshape(*x.shape[:-2], -1, group * v.embed_dim)
         x = Linear((group * v.embed_dim,), ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="mlp_0")(x)
         x = jax.nn.gelu(x, approximate=False)
         return Linear((v.hidden_size,), ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="mlp_2")(x)
@@ -74,15 +75,21 @@ class VisionTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, pixel_values, pos_hw, segment_ids, *, return_hidden: bool = False):
-        """pixel_values: float[N, C·T·P·P] rows as the processor lays them out; pos_hw: int32[N, 2];
-        segment_ids: int32[N] (one per frame-pair; padding rows their own segment). N must be a multiple of
-        merge². Returns merged features [N / merge², D] (and the last hidden states [N, E] if asked)."""
+        """pixel_values: float[S, N, C·T·P·P] rows as the processor lays them out (or [N, ...]: S = 1);
+        pos_hw: int32[S, N, 2]; segment_ids: int32[S, N] (one per frame-pair; padding rows their own segment). N must
+        be a multiple of merge². Returns merged features [S, N / merge², D] (and the last hidden states [S, N, E] if
+        asked), without the S axis when the inputs had none."""
         v, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
+        unsharded = pixel_values.ndim == 2
+        if unsharded:
+            pixel_values, pos_hw, segment_ids = pixel_values[None], pos_hw[None], segment_ids[None]
         x = Linear((v.embed_dim,), (None, "embed"), use_bias=False, dtype=dt, param_dtype=pdt,
                    name="patch_embed")(pixel_values)
         cos, sin = vision_rope(pos_hw, v.head_dim)
-        x = nn.with_logical_constraint(x, ("patches", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "patches", "embed"))
         x, _ = run_stack(layer_stack(VisionBlock, self.config, v.depth, name="blocks"), self.config, x, cos, sin,
                          segment_ids)
         merged = PatchMerger(self.config, name="merger")(x)
+        if unsharded:
+            merged, x = merged[0], x[0]
         return (merged, x) if return_hidden else merged

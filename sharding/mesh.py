@@ -73,15 +73,76 @@ def device_grid(ici_shape: tuple[int, ...], dcn_shape: tuple[int, ...], devices)
     return mesh_utils.create_device_mesh(ici_shape, devices)
 
 
-def initialize_distributed() -> None:
-    """`jax.distributed.initialize()` when this process is one of several: on Cloud TPU pods JAX finds the
-    coordinator itself; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. A no-op on one
-    host, and when already initialized."""
+def initialize_distributed() -> str | None:
+    """`jax.distributed.initialize()` when this process is one of several; → what it joined ("env" or the name of
+    JAX's cluster, e.g. "SlurmCluster"), None when it stays alone. Call it before anything touches a backend.
+
+    Explicit: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES, JAX_PROCESS_ID; gloo collectives on CPU). Otherwise JAX's
+    own cluster detection (the ClusterEnv classes jax.distributed.initialize() asks): Open MPI (mpirun), SLURM,
+    GKE TPU pods (TPU_WORKER_HOSTNAMES), Cloud TPU VMs (GCE metadata), Kubernetes jobs. A no-op for one process (a
+    single-host TPU VM, a 1-task SLURM job, a laptop) and when already initialized. A TPU environment that names
+    several workers but that JAX cannot resolve is an error, not N independent runs."""
     if jax.distributed.is_initialized():
-        return
-    if "JAX_COORDINATOR_ADDRESS" in os.environ:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need a collectives backend
-        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], int(os.environ["JAX_NUM_PROCESSES"]),
-                                   int(os.environ["JAX_PROCESS_ID"]))
-    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+        return None
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        count = os.environ.get("JAX_NUM_PROCESSES")
+        if count is not None and int(count) <= 1:
+            return None
+        if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes need a collectives backend
+        process = os.environ.get("JAX_PROCESS_ID")
+        # unset values are left to JAX's detection (e.g. the address given by hand on SLURM, the rest from SLURM)
+        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"], None if count is None else int(count),
+                                   None if process is None else int(process))
+        return "env"
+    cluster = detected_cluster()
+    if cluster is not None:
+        name, count = cluster
+        if count <= 1:
+            return None
+        jax.distributed.initialize()  # JAX's detection picks the same cluster and fills in every argument
+        return name
+    if several_processes_expected():
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as error:
+            raise RuntimeError(
+                "the environment says this process is one of several (TPU_WORKER_HOSTNAMES, MEGASCALE_*, TPU_WORKER_ID "
+                "with a multi-host TPU_ACCELERATOR_TYPE, or OMPI_COMM_WORLD_SIZE) but JAX found no coordinator; set "
+                "JAX_COORDINATOR_ADDRESS (process 0's host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID in every "
+                f"process: {error}") from error
+        return "env"
+    return None
+
+
+def detected_cluster() -> tuple[str, int] | None:
+    """(class name, process count) of the first cluster environment JAX's auto-detection finds (in JAX's order, opt-in
+    methods such as mpi4py skipped, as jax.distributed.initialize() does), or None."""
+    try:
+        from jax._src import clusters
+        envs = list(clusters.ClusterEnv._cluster_types)
+    except (ImportError, AttributeError):  # a JAX without this registry: the TPU env check below still applies
+        return None
+    import importlib.util
+    for env in envs:
+        if env.__name__ == "K8sCluster" and importlib.util.find_spec("kubernetes") is None:
+            continue  # it would only warn that the package is missing (any pod, e.g. a CI container)
+        if not env.opt_in_only_method and env.is_env_present():
+            return env.__name__, int(env.get_process_count())
+    return None
+
+
+def several_processes_expected() -> bool:
+    """A TPU runtime's or an MPI launcher's own variables say this process is one of several (whether or not JAX's
+    detection recognizes the environment)."""
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE") or 1) > 1:
+        return True
+    hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
+    if len([h for h in hosts.split(",") if h.strip()]) > 1:
+        return True
+    if os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") and int(os.environ.get("MEGASCALE_NUM_SLICES") or 2) > 1:
+        return True
+    size = os.environ.get("TPU_ACCELERATOR_TYPE", "").rpartition("-")[2]  # e.g. v4-32, v5litepod-16, v5p-128
+    if ("TPU_WORKER_ID" in os.environ or "CLOUD_TPU_TASK_ID" in os.environ) and size.isdigit():
+        return int(size) > 8  # one host holds at most 8 (TensorCores on v2-v4 and v5p, chips on v5e and v6e)
+    return False

@@ -9,7 +9,13 @@ shardings), XLA's temporaries and the peak, against the HBM given, beside an ana
 
 Attention is planned as the TPU runs it: `xla` attention lowers to our blockwise (flash-style) kernel for sequences of
 512 rows or more, whose memory is linear in length, like the Pallas kernel on TPU. XLA:CPU's buffer assignment and
-fusion differ from XLA:TPU's, so temporaries are an estimate of the same program, not a TPU measurement."""
+fusion differ from XLA:TPU's, so temporaries are an estimate of the same program, not a TPU measurement.
+
+It also prints, per device and per step: model FLOPs (6 · params touched · tokens + attention; sharding/flops.py
+states the formula), the matmul FLOPs of the compiled dots and XLA's own cost analysis, every collective of the
+compiled HLO by kind (sharding/hlo_stats.py: the bytes it returns and those a ring sends), and with `--chip` the
+MFU ceiling those collectives leave on that TPU (which also sets the default --hbm). Collectives are XLA:CPU's
+partitioning of the program; XLA:TPU may combine, convert (all-reduce + slice → reduce-scatter) or overlap them."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +24,7 @@ import os
 import sys
 import time
 
-HBM = {"v5e": 16e9, "v5p": 95e9, "v4": 32e9, "v6e": 32e9}
+HBM = {"v5e": 16e9, "v5p": 95e9, "v4": 32e9, "v6e": 32e9}  # = sharding.flops.CHIPS[chip]["hbm"]
 
 
 def analytic_param_count(config) -> int:
@@ -45,26 +51,39 @@ def _bytes(tree) -> tuple[int, int]:
     return total, per_device
 
 
-def abstract_batch(config, batch: int, seq: int, patches_per_sample: int) -> dict:
-    """ShapeDtypeStructs of a training batch (training/step.py's layout): `patches_per_sample` ViT rows per sample
-    (1024 = one 448×448 image), all packed into one sequence."""
+def abstract_batch(config, batch: int, seq: int, patches_per_sample: int, shards: int = 1,
+                   head_fraction: int = 8) -> dict:
+    """ShapeDtypeStructs of a training batch (training/step.py's layout), S = `shards` batch shards, V = batch ·
+    `patches_per_sample` ViT rows (1024 = one 448×448 image per sample), packed per shard:
+        input_ids, labels int32[B, L]; prepared: attention_mask, splice_index int32[B, L], position_ids
+        int32[3, B, L], vision_pos_hw int32[S, V/S, 2], vision_segment_ids int32[S, V/S];
+        vision_pixels dtype[S, V/S, patch_dim]; loss_index, loss_targets int32[B, L/head_fraction] (the LM head
+        runs on those positions only; head_fraction 0: no selection, the head runs on all B·L)."""
     import jax
     import jax.numpy as jnp
 
     rows = batch * patches_per_sample
+    if rows % shards or batch % shards:
+        raise ValueError(f"batch {batch} (and its {rows} ViT rows) must split over the {shards} batch shards")
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     out = {"input_ids": i32(batch, seq), "labels": i32(batch, seq),
            "prepared": {"attention_mask": i32(batch, seq), "position_ids": i32(3, batch, seq),
                         "splice_index": i32(batch, seq)}}
     if rows:
-        out["prepared"] |= {"vision_pos_hw": i32(rows, 2), "vision_segment_ids": i32(rows)}
-        out["vision_pixels"] = jax.ShapeDtypeStruct((rows, config.vision.patch_dim), jnp.dtype(config.dtype))
+        out["prepared"] |= {"vision_pos_hw": i32(shards, rows // shards, 2),
+                            "vision_segment_ids": i32(shards, rows // shards)}
+        out["vision_pixels"] = jax.ShapeDtypeStruct((shards, rows // shards, config.vision.patch_dim),
+                                                    jnp.dtype(config.dtype))
+    if head_fraction:
+        out["loss_index"] = out["loss_targets"] = i32(batch, seq // head_fraction)
     return out
 
 
-def analytic_bytes(config, mesh_shape: dict, batch: int, seq: int, patches_per_sample: int) -> dict:
+def analytic_bytes(config, mesh_shape: dict, batch: int, seq: int, patches_per_sample: int,
+                   head_positions: int | None = None) -> dict:
     """Per-device estimate, ideal sharding: params + AdamW moments (param dtype) + gradients, and the activations
-    a scanned, fully rematerialized step keeps (each layer's input) plus the float32 logits and their gradient."""
+    a scanned, fully rematerialized step keeps (each layer's input) plus the float32 logits and their gradient at
+    the `head_positions` the LM head runs on (default all B·L)."""
     devices = math.prod(mesh_shape.values())
     batch_ways = mesh_shape.get("data", 1) * mesh_shape.get("fsdp", 1)
     tensor = mesh_shape.get("tensor", 1)
@@ -75,7 +94,8 @@ def analytic_bytes(config, mesh_shape: dict, batch: int, seq: int, patches_per_s
     tokens_local = batch * seq / batch_ways
     saved = (tokens_local * config.text.hidden_size * config.text.num_hidden_layers
              + rows_local * config.vision.embed_dim * config.vision.depth) * act
-    logits = 2 * tokens_local * config.text.vocab_size / tensor * 4
+    head_local = (batch * seq if head_positions is None else head_positions) / batch_ways
+    logits = 2 * head_local * config.text.vocab_size / tensor * 4
     return {"params": pbytes, "opt_state": 2 * pbytes, "grads": pbytes, "saved_activations": saved,
             "logits_fp32_x2": logits, "total": 4 * pbytes + saved + logits}
 
@@ -89,8 +109,9 @@ def _itemsize(dtype: str) -> int:
 
 def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", patches_per_sample: int = 1024,
          dtype: str = "bfloat16", param_dtype: str = "float32", dcn: str | None = None, compile: bool = True,
-         attention: str = "xla", config=None) -> dict:
-    """The plan as a dict of byte counts and timings (see the module docstring)."""
+         attention: str = "xla", config=None, head_fraction: int = 8, chip: str | None = None) -> dict:
+    """The plan as a dict of byte counts, FLOPs, collectives and timings (see the module docstring); `chip` (a key
+    of sharding.flops.CHIPS) adds the MFU ceiling."""
     import jax
     import flax.linen as nn
 
@@ -113,17 +134,20 @@ def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", p
                        params=with_sharding(state.params, shardings.params),
                        opt_state=with_sharding(state.opt_state, shardings.opt_state),
                        rng=with_sharding(state.rng, shardings.rng))
-    batch_abstract = abstract_batch(config, batch, seq, patches_per_sample)
+    shards = device_mesh.shape.get("data", 1) * device_mesh.shape.get("fsdp", 1)
+    batch_abstract = abstract_batch(config, batch, seq, patches_per_sample, shards, head_fraction)
     batch_sharding = batch_shardings(batch_abstract, device_mesh)
     batch_abstract = with_sharding(batch_abstract, batch_sharding)
     out = {"preset": preset, "mesh": dict(device_mesh.shape), "devices": device_mesh.size, "batch": batch,
-           "seq": seq, "patches_per_sample": patches_per_sample, "remat": remat, "dtype": dtype, "attention": attention,
+           "seq": seq, "patches_per_sample": patches_per_sample, "head_positions": batch * (seq // head_fraction
+                                                                                            if head_fraction else seq), "remat": remat, "dtype": dtype, "attention": attention,
            "param_dtype": param_dtype, "layers": config.text.num_hidden_layers, "param_count": sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)),
            "analytic_param_count": analytic_param_count(config)}
     (out["params_bytes"], out["params_per_device"]) = _bytes(state.params)
     (_, out["opt_state_per_device"]) = _bytes(state.opt_state)
     (_, out["batch_per_device"]) = _bytes(batch_abstract)
-    out["analytic_per_device"] = analytic_bytes(config, dict(device_mesh.shape), batch, seq, patches_per_sample)
+    out["analytic_per_device"] = analytic_bytes(config, dict(device_mesh.shape), batch, seq, patches_per_sample,
+                                                out["head_positions"])
     if not compile:
         return out
     step = jit_train_step(config, optimizer, device_mesh, shardings, batch_sharding)
@@ -140,7 +164,40 @@ def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", p
                   "code": memory.generated_code_size_in_bytes}
     out["peak_per_device"] = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                               - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+    out.update(compute_stats(config, out, compiled, chip))
     return out
+
+
+def compute_stats(config, out: dict, compiled, chip: str | None) -> dict:
+    """FLOPs (analytic, XLA's cost analysis, HLO dots) and collectives per device per step of the compiled step,
+    and the MFU ceiling on `chip` (sharding/flops.py's model)."""
+    from sharding import flops, hlo_stats
+
+    start = time.perf_counter()
+    module = hlo_stats.parse_hlo(compiled.as_text())
+    model = flops.model_flops(config, out["batch"], out["seq"], out["patches_per_sample"], out["head_positions"])
+    devices = out["devices"]
+    stats = {"model_flops": model, "model_flops_per_device": model["total"] / devices,
+             "hardware_flops_per_device": flops.hardware_flops(model, out["remat"]) / devices,
+             "hlo_dot_flops": hlo_stats.dot_flops(module), "collectives": hlo_stats.collective_totals(module)}
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        stats["xla_cost_flops"] = float(cost.get("flops")) if cost and cost.get("flops") is not None else None
+    except Exception:  # not every backend implements it
+        stats["xla_cost_flops"] = None
+    stats["all_gathers"] = [{"arrays": [str(a) for a in g.arrays], "bytes": g.bytes, "executions": g.executions,
+                             "op_name": g.op_name} for g in hlo_stats.all_gathers(module)[:20]]  # largest first
+    stats["largest_all_gather"] = stats["all_gathers"][0] if stats["all_gathers"] else None
+    stats["loops"] = [{"trip_count": w.trip_count, "depth": w.depth} for w in hlo_stats.while_loops(module)]
+    wire = sum(t["wire_bytes_per_step"] for t in stats["collectives"].values())
+    stats["wire_bytes_per_device"] = wire
+    if chip:
+        stats["chip"] = chip
+        stats["mfu"] = flops.mfu_ceiling(stats["model_flops_per_device"], stats["hardware_flops_per_device"], wire,
+                                         chip)
+    stats["stats_seconds"] = time.perf_counter() - start
+    return stats
 
 
 def _size(text: str) -> float:
@@ -174,7 +231,43 @@ def _report(result: dict, hbm: float | None) -> str:
             lines.append(f"HBM {hbm / 1e9:.0f} GB per device: {verdict} "
                          f"({100 * result['peak_per_device'] / hbm:.0f} % used)")
         lines.append(f"lower {result['lower_seconds']:.1f} s, compile {result['compile_seconds']:.1f} s")
+    if "collectives" in result:
+        lines += _report_compute(result)
     return "\n".join(lines)
+
+
+def _report_compute(result: dict) -> list[str]:
+    """The FLOPs / collectives / MFU lines of the report."""
+    tf = lambda x: "n/a" if x is None else f"{x / 1e12:.4g} TFLOP"
+    m, devices = result["model_flops"], result["devices"]
+    lines = [f"per device per step: model FLOPs (6·params·tokens + attention, sharding/flops.py) "
+             f"{tf(result['model_flops_per_device'])}  [text {m['text'] / devices / 1e12:.2f}, LM head on "
+             f"{result['head_positions']} positions {m['head'] / devices / 1e12:.2f}, ViT {m['vision'] / devices / 1e12:.2f}"
+             f", attention text {m['attention_text'] / devices / 1e12:.2f} + ViT "
+             f"{m['attention_vision'] / devices / 1e12:.2f}]",
+             f"{'':<20}executed with remat {result['remat']}: {tf(result['hardware_flops_per_device'])}",
+             f"{'':<20}HLO dots × known trip counts: {tf(result['hlo_dot_flops']['flops'])} (+ "
+             f"{tf(result['hlo_dot_flops']['flops_in_unknown_loops'])} in loops of unknown trip count — the "
+             f"blockwise attention's — counted once)",
+             f"{'':<20}XLA:CPU cost_analysis() 'flops': {tf(result['xla_cost_flops'])} (loop bodies counted once: "
+             f"not a per-step figure)",
+             f"{'collectives per device per step':<34}{'ops':>5}{'runs':>7}{'result bytes':>15}{'sent (ring)':>15}"]
+    for kind, t in result["collectives"].items():
+        runs = "?" if t["executions"] is None else str(t["executions"])
+        lines.append(f"  {kind:<32}{t['count']:>5}{runs:>7}{t['bytes_per_step'] / 1e9:>12.3f} GB"
+                     f"{t['wire_bytes_per_step'] / 1e9:>12.3f} GB" + (f"  (+ {t['trivial']} over 1-device groups)"
+                                                                      if t["trivial"] else ""))
+    gather = result["largest_all_gather"]
+    if gather:
+        lines.append(f"  largest all-gather: {' '.join(gather['arrays'])} ({gather['bytes'] / 1e6:.1f} MB, "
+                     f"{gather['executions']} runs)")
+    if "mfu" in result:
+        f = result["mfu"]
+        lines.append(f"MFU ceiling on {result['chip']}: compute {1e3 * f['compute_seconds']:.1f} ms, collectives "
+                     f"{1e3 * f['collective_seconds']:.1f} ms at half the bidirectional ICI → "
+                     f"{100 * f['mfu_not_overlapped']:.1f} % not overlapped, {100 * f['mfu_overlapped']:.1f} % "
+                     f"fully overlapped (upper bounds; sharding/flops.py)")
+    return lines
 
 
 def _config(preset: str, text_layers: int | None):
@@ -202,7 +295,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attention", default="xla", choices=["xla", "xla_dense"],
                         help="xla: blockwise (flash-like, as the TPU kernel) from 512 rows; xla_dense: full scores")
     parser.add_argument("--text-layers", type=int, help="override the preset's decoder depth (compile-time check)")
+    parser.add_argument("--chip", choices=sorted(HBM), help="TPU generation: peak FLOP/s and ICI for the MFU "
+                                                            "ceiling, and the default --hbm")
     parser.add_argument("--hbm", help=f"HBM per device, e.g. 16G or a chip name {sorted(HBM)}")
+    parser.add_argument("--head-fraction", type=int, default=8, help="the LM head runs on L/N positions per row "
+                                                                     "(loss_index); 0: on all of them")
     parser.add_argument("--json", help="also write the plan to this file")
     args = parser.parse_args(argv)
     from sharding.mesh import parse_axes
@@ -216,9 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     result = plan(args.preset, args.mesh, args.batch, args.seq, remat=args.remat,
                   patches_per_sample=args.patches_per_sample, dtype=args.dtype, param_dtype=args.param_dtype,
-                  dcn=args.dcn, attention=args.attention, config=_config(args.preset, args.text_layers))
+                  dcn=args.dcn, attention=args.attention, config=_config(args.preset, args.text_layers),
+                  head_fraction=args.head_fraction, chip=args.chip)
     result["planner_seconds"] = time.perf_counter() - start
-    hbm = None if not args.hbm else HBM.get(args.hbm, None) or _size(args.hbm)
+    hbm = args.hbm or args.chip
+    hbm = None if not hbm else HBM.get(hbm, None) or _size(hbm)
     result["hbm"] = hbm
     print(_report(result, hbm))
     print(f"planner run time {result['planner_seconds']:.1f} s")

@@ -1,8 +1,10 @@
 """The one table mapping the model's logical axis names to mesh axes, and the shardings it gives.
 
 The model names every parameter dim (`embed`, `heads`, `mlp`, …; see DESIGN.md) and never a mesh axis; this file is
-the only place the two meet. A dim whose size the mesh axes do not divide (e.g. 2 KV heads on a tensor axis of 4)
-is replicated along those axes instead: correct everywhere, at the cost of memory for that (small) tensor."""
+the only place the two meet. A parameter dim whose size the mesh axes do not divide (e.g. 2 KV heads on a tensor
+axis of 4) is replicated along those axes instead: correct everywhere, at the cost of memory for that (small)
+tensor. A batch dim they do not divide is an error (`batch_shardings`): replicating it would run the whole batch on
+every device."""
 from __future__ import annotations
 
 import math
@@ -15,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", ("data", "fsdp")),
     ("length", "sequence"),
-    ("patches", ("data", "fsdp")),
+    ("patches", None),  # patch rows within a batch shard's packed ViT sequence (the shards themselves are "batch")
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
@@ -82,18 +84,74 @@ def opt_state_shardings(optimizer, params_shardings: dict, abstract_params: dict
                                  is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-# logical names of the batch arrays (training/step.py's layout); other keys are replicated
+# logical names of the batch arrays (training/step.py's layout); other keys are replicated. The vision arrays carry
+# a leading shard axis (one packed ViT sequence per batch shard), split like the batch.
 BATCH_AXES = {
     "input_ids": ("batch", "length"), "labels": ("batch", "length"), "attention_mask": ("batch", "length"),
     "splice_index": ("batch", "length"), "position_ids": (None, "batch", "length"),
-    "vision_pixels": ("patches", None), "vision_pos_hw": ("patches", None), "vision_segment_ids": ("patches",),
+    "vision_pixels": ("batch", "patches", None), "vision_pos_hw": ("batch", "patches", None),
+    "vision_segment_ids": ("batch", "patches"), "loss_index": ("batch", None), "loss_targets": ("batch", None),
 }
 
 
-def batch_shardings(batch: dict, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> dict:
-    """NamedSharding per array of a (possibly nested, possibly abstract) batch dict, keyed by leaf name."""
-    def one(path, leaf):
-        name = path[-1].key if hasattr(path[-1], "key") else str(path[-1])
-        return NamedSharding(mesh, spec_for(tuple(leaf.shape), BATCH_AXES.get(name, ()), mesh, rules))
+def batch_shard_count(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> int:
+    """How many ways the batch is split on `mesh`: the product of the mesh axes the rules give "batch"."""
+    axes = dict(rules_for(mesh, rules)).get("batch")
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(mesh.shape[a] for a in axes)
 
-    return jax.tree_util.tree_map_with_path(one, batch)
+
+def _batch_spec(name: str, shape: tuple[int, ...], mesh: Mesh, rules) -> PartitionSpec:
+    logical, shards = BATCH_AXES.get(name, ()), batch_shard_count(mesh, rules)
+    if "batch" in logical and shape[logical.index("batch")] % shards:
+        raise ValueError(
+            f"batch array {name!r} has {shape[logical.index('batch')]} along its batch dim, which the {shards} batch "
+            f"shards of mesh {dict(mesh.shape)} do not divide: set data.batch_size to a multiple of {shards} (the "
+            "data pipeline then builds one packed ViT sequence per shard), or change the mesh")
+    return spec_for(shape, logical, mesh, rules)
+
+
+def _leaf_name(path) -> str:
+    return path[-1].key if hasattr(path[-1], "key") else str(path[-1])
+
+
+def batch_shardings(batch: dict, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> dict:
+    """NamedSharding per array of a (possibly nested, possibly abstract) batch dict, keyed by leaf name. A batch dim
+    the batch shards do not divide is a ValueError naming the array and the mesh."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: NamedSharding(mesh, _batch_spec(_leaf_name(path), tuple(leaf.shape), mesh, rules)), batch)
+
+
+def local_batch_shards(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> tuple[int, ...]:
+    """The batch shards (0 … batch_shard_count − 1) that this process's devices hold, in order."""
+    shards = batch_shard_count(mesh, rules)
+    sharding = NamedSharding(mesh, spec_for((shards,), ("batch",), mesh, rules))
+    return tuple(sorted({index[0].start or 0 for index in sharding.addressable_devices_indices_map((shards,)).values()}))
+
+
+def place_local_batch(batch: dict, mesh: Mesh, shard_ids, rules=LOGICAL_AXIS_RULES) -> tuple[dict, dict]:
+    """A process's batch — the rows and vision sequences of its batch shards `shard_ids` only (data_pipeline's
+    layout) — → (global jax arrays, their shardings): each local device takes its slice from this process's shards."""
+    shards, position = batch_shard_count(mesh, rules), {s: i for i, s in enumerate(shard_ids)}
+
+    def one(path, x):
+        logical = BATCH_AXES.get(_leaf_name(path), ())
+        axis = logical.index("batch") if "batch" in logical else None
+        per = None if axis is None else x.shape[axis] // len(shard_ids)
+        shape = x.shape if axis is None else x.shape[:axis] + (per * shards,) + x.shape[axis + 1:]
+        sharding = NamedSharding(mesh, _batch_spec(_leaf_name(path), shape, mesh, rules))
+
+        def local(index):
+            if axis is not None:  # global rows → the same rows of this process's copy of their shard
+                rows = range(shape[axis])[index[axis]]
+                shard = rows.start // per
+                start = position[shard] * per + rows.start - shard * per
+                index = index[:axis] + (slice(start, start + len(rows)),) + index[axis + 1:]
+            return x[index]
+
+        return jax.make_array_from_callback(shape, sharding, local), sharding
+
+    placed = jax.tree_util.tree_map_with_path(one, batch)
+    is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], NamedSharding)
+    return (jax.tree_util.tree_map(lambda x: x[0], placed, is_leaf=is_pair),
+            jax.tree_util.tree_map(lambda x: x[1], placed, is_leaf=is_pair))

@@ -166,7 +166,7 @@ def test_iterator_state_round_trips_through_a_checkpoint(demo, tmp_path):
 def test_batches_use_bucketed_shapes(demo):
     model_config, processor = demo
     config = data_config(batch_size=3, length_buckets=(40, 64, 128), vision_buckets=(64, 256, 1024))
-    shapes = {(b["input_ids"].shape, b["vision_pixels"].shape[0])
+    shapes = {(b["input_ids"].shape, b["vision_pixels"].shape[1])
               for b in training_batches(list(_records(30)), processor, model_config, config, seed=0)}
     assert {s[0][1] for s in shapes} <= {40, 64, 128} and {s[1] for s in shapes} <= {64, 256, 1024}
     assert all(s[0][0] == 3 for s in shapes)

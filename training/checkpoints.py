@@ -1,13 +1,16 @@
 """Orbax checkpoints of a training run: the train state (params, optimizer state, step, RNG) and the data
-iterator's position, every N steps, on SIGTERM (preemption) and at the end. Writes are atomic (Orbax commits a
-step folder only when complete), so a run killed at any moment resumes from the last whole checkpoint. `directory`
-may be a gs:// path."""
+iterator's position, every N steps, on SIGTERM (preemption: every host saves the same step) and at the end. Writes
+are atomic (Orbax commits a step folder only when complete), so a run killed at any moment resumes from the last
+whole checkpoint. `directory` may be a gs:// path."""
 from __future__ import annotations
 
 import signal
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 
 class Checkpoints:
@@ -41,14 +44,45 @@ class Checkpoints:
 
 
 class Preemption:
-    """Notes SIGTERM (a TPU VM's preemption notice) so the loop can checkpoint at the next step and stop."""
+    """A preemption notice (SIGTERM, as a TPU VM gets) → `stop(step)` is True at one step, the SAME step on every
+    process, so all of them save that step together (Orbax's save is a collective) and end the run (exit 0).
 
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+    One process: a Python SIGTERM handler sets a flag; no collective. Several processes: JAX's preemption sync
+    service (jax.distributed starts it: a SIGTERM notifier and a barrier in the coordination service that picks
+    the step after the furthest process's, `multihost_utils.reached_preemption_sync_point`); where that service is
+    off (`jax_enable_preemption_service=False`), a Python handler per process and an all-gather of the flags every
+    `every` steps (a few bytes; any process's flag stops all). Call `stop` at every step with the same step numbers
+    on every process."""
+
+    def __init__(self, first_step: int = 0, every: int = 1):
+        self.requested = False  # the run stopped for a preemption
+        self.noticed = False  # this process received SIGTERM (Python handler only)
+        self.every = every
+        self.service = False
+        if jax.process_count() > 1:
+            try:  # the probe registers `first_step` as this process's position (all processes start there)
+                multihost_utils.reached_preemption_sync_point(first_step)
+                self.service = True  # its C++ handler owns SIGTERM: a Python handler would silence it
+            except RuntimeError:  # "Preemption sync manager has not been initialized"
+                pass
+        self._previous = None if self.service else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.noticed = True
+
+    def stop(self, step: int) -> bool:
+        """Whether to save `step` and stop: True on every process at the same step once any process was noticed."""
+        if self.service:
+            stop = multihost_utils.reached_preemption_sync_point(step)
+        elif jax.process_count() == 1:
+            stop = self.noticed
+        elif step % self.every == 0:
+            stop = bool(np.max(multihost_utils.process_allgather(np.int32(self.noticed))))
+        else:
+            stop = False
+        self.requested |= stop
+        return stop
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self._previous)
+        if not self.service:  # a handler Python did not install (None) cannot be put back: the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)

@@ -4,7 +4,8 @@ A batch is a dict of static-shape arrays:
     input_ids int32[B, L]; labels int32[B, L] (the token to predict at each position's *next* step, as in
     Hugging Face: labels = input_ids with IGNORE where no loss is wanted; the shift happens here);
     prepared: the dict from `qwen2vl_jax.prepare_inputs` (attention_mask, position_ids, splice_index,
-    vision_pos_hw, vision_segment_ids); vision_pixels float[N, C·T·P·P] or absent for text-only batches."""
+    vision_pos_hw, vision_segment_ids); vision_pixels float[N, C·T·P·P] (or [S, N, C·T·P·P], one packed ViT sequence
+    per batch shard: data_pipeline.batching) or absent for text-only batches."""
 from __future__ import annotations
 
 from typing import Any
@@ -15,9 +16,8 @@ import jax.numpy as jnp
 import optax
 
 from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.inputs import IGNORE
 from qwen2vl_jax.model import Qwen2VL
-
-IGNORE = -100
 
 
 # The paper's three stages, as the parameter groups each one trains (the rest stays bit-identical):
@@ -91,16 +91,15 @@ def skipped_streak(opt_state):
 
 
 def selected_cross_entropy(hidden: jax.Array, apply_head, loss_index: jax.Array, loss_targets: jax.Array):
-    """The LM head and cross-entropy at the K selected positions only (most tokens of a vision-language batch —
-    images, system and user turns, padding — carry no loss, and the [B, L, vocab] logits are the step's largest
-    tensor). hidden: [B, L, D]; loss_index: int32[K], flat positions into B·L whose next token is a target (K a
-    multiple of B); loss_targets: int32[K], IGNORE on padding → (summed loss float32, target count)."""
-    B, L, D = hidden.shape
-    picked = jnp.take(hidden.reshape(B * L, D), loss_index, axis=0).reshape(B, -1, D)
-    logits = apply_head(picked).astype(jnp.float32)  # [B, K/B, V]
-    targets = loss_targets.reshape(B, -1)
-    mask = targets != IGNORE
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, targets, 0))
+    """The LM head and cross-entropy at the K selected positions of each row only (most tokens of a vision-language
+    batch — images, system and user turns, padding — carry no loss, and the [B, L, vocab] logits are the step's
+    largest tensor). hidden: [B, L, D]; loss_index: int32[B, K], positions within each row whose next token is a
+    target; loss_targets: int32[B, K], IGNORE on padding → (summed loss float32, target count). The gather runs along
+    the length axis of each row, so on a batch-sharded mesh it (and its backward scatter) stays on the row's device."""
+    picked = jnp.take_along_axis(hidden, loss_index[..., None], axis=1)  # [B, K, D]
+    logits = apply_head(picked).astype(jnp.float32)  # [B, K, V]
+    mask = loss_targets != IGNORE
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, loss_targets, 0))
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 

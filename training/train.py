@@ -8,8 +8,9 @@ final params as a checkpoint folder for qwen2vl_jax.load / qwen2vl-generate / qw
 demo_eval.json and demo.png. A run that finds a checkpoint in WORKDIR resumes from it exactly: same state, same
 data order, same following losses.
 
-Multi-host input: every process builds the same global batch from the same pipeline and hands each device its
-slice (simple and exactly reproducible; the per-host decode cost grows with the global batch)."""
+Multi-host input: each process reads and decodes only the batch shards of its own devices (data_pipeline.batching:
+one example stream per batch shard), the processes agree on every batch's bucket shapes and check each other's step
+and batch every step (data_pipeline.hosts), so a run's batches and losses do not depend on the process count."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,19 +20,19 @@ import logging
 import math
 import os
 import time
-import zlib
 
 import flax.linen as nn
 import jax
 from etils import epath
 
+from data_pipeline.hosts import HostAgreement
 from data_pipeline.pipeline import training_batches
-from qwen2vl_jax.compiles import CompileCounter
+from qwen2vl_jax.compiles import CompileCache, CompileCounter
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.model import abstract_params, init_params
 from qwen2vl_jax.processing import Processor
 from sharding.mesh import initialize_distributed, make_mesh
-from sharding.rules import batch_shardings, param_shardings
+from sharding.rules import batch_shard_count, local_batch_shards, param_shardings, place_local_batch
 from training.checkpoints import Checkpoints, Preemption
 from training.metrics import MetricsWriter
 from training.step import (init_state, jit_train_step, learning_rate_schedule, make_optimizer, skipped_streak,
@@ -121,12 +122,9 @@ def data_folder(config, workdir: str) -> str:
     return config.data.data_dir or os.path.join(workdir, "data")
 
 
-def place(batch: dict, mesh) -> dict:
-    """A host batch (the same global batch on every process) → global arrays in the batch shardings."""
-    device_batch = {k: v for k, v in batch.items() if k not in HOST_KEYS}
-    shardings = batch_shardings(device_batch, mesh)
-    return jax.tree_util.tree_map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
-                                  device_batch, shardings), shardings
+def place(batch: dict, mesh, shard_ids) -> tuple[dict, dict]:
+    """This process's batch (its batch shards `shard_ids`) → (global arrays in the batch shardings, shardings)."""
+    return place_local_batch({k: v for k, v in batch.items() if k not in HOST_KEYS}, mesh, shard_ids)
 
 
 def model_flops_per_token(params) -> tuple[float, float]:
@@ -150,12 +148,17 @@ def train(config, workdir: str) -> dict:
     """Runs (or resumes) the run `config` describes in `workdir`; → summary dict (steps, last loss, compiles...)."""
     initialize_distributed()
     workdir = os.fspath(workdir)
+    # before the first compile: programs an earlier run (or a preempted one) compiled are loaded, not compiled again
+    cache = CompileCache(config.get("compile_cache", "").replace("{workdir}", workdir)).open()
     prepare_workdir(config, workdir)
     model_config, processor = model_and_processor(config, workdir)
     mesh = make_mesh(config.mesh, dcn=config.get("dcn_mesh") or None)
     from data_pipeline.sources import open_source
     source = open_source(config.data.train, data_dir=data_folder(config, workdir))
-    dataset = training_batches(source, processor, model_config, config.data, seed=config.seed)
+    hosts = HostAgreement(local_batch_shards(mesh), batch_shard_count(mesh))
+    dataset = training_batches(source, processor, model_config, config.data, seed=config.seed,
+                               shards=hosts.shards, shard_ids=hosts.shard_ids,
+                               hosts=hosts if jax.process_count() > 1 else None)
 
     with jax.set_mesh(mesh):
         shapes = nn.unbox(abstract_params(model_config))
@@ -182,7 +185,7 @@ def train(config, workdir: str) -> dict:
         else:
             state = make_state(initial_params(config, model_config, mesh))
         summary = run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings, iterator,
-                           checkpoints, first, model_flops_per_token(shapes))
+                           checkpoints, first, model_flops_per_token(shapes), hosts)
         checkpoints.close()
         if summary["steps"] == config.steps:
             from training.export import export_params
@@ -194,11 +197,15 @@ def train(config, workdir: str) -> dict:
         from training.demo_eval import evaluate_demo
         summary["demo_eval"] = evaluate_demo(config, workdir, model_config, processor, summary.pop("state"))
     summary.pop("state", None)
+    programs = cache.close().programs
+    summary["compile_cache"] = cache.summary() | {"step_loaded": programs.loaded("step"),
+                                                  "step_compiled": programs.compiled("step")}
+    log.info("%d programs loaded from the cache, %d compiled", programs.loaded(), programs.compiled())
     return summary
 
 
 def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings, iterator, checkpoints,
-             first: int, flops_per_token: tuple[float, float]) -> dict:
+             first: int, flops_per_token: tuple[float, float], hosts: HostAgreement) -> dict:
     steps = {}  # jitted step per batch-sharding layout
 
     def step_for(shardings):
@@ -213,7 +220,7 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
     text_flops, vision_flops = flops_per_token
     peak = peak_flops()
     writer = MetricsWriter(workdir, config.steps, first, tensorboard=config.get("tensorboard", True))
-    preemption = Preemption()
+    preemption = Preemption(first)  # every process stops at the same step
     window = {"tokens": 0, "padded": 0, "vision": 0, "vision_padded": 0, "skipped": 0, "time": time.perf_counter()}
     totals = {"skipped": 0, "tokens": 0, "padded": 0}
     nonfinite_run, step, metrics, shapes = 0, first, {}, set()
@@ -224,7 +231,8 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
                 stats = batch["stats"]
                 shapes.add(tuple(batch[k].shape if k in batch else None
                                  for k in ("input_ids", "vision_pixels", "loss_index")))
-                device_batch, shardings = place(batch, mesh)
+                data_crc = hosts.check(step, batch, config.data.batch_size // hosts.shards)
+                device_batch, shardings = place(batch, mesh, hosts.shard_ids)
                 state, metrics = step_for(shardings)(state, device_batch)
                 step += 1
                 for key, name in (("tokens", "real_tokens"), ("padded", "padded_tokens"),
@@ -254,11 +262,11 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
                         "vision_padding_efficiency": window["vision"] / max(window["vision_padded"], 1),
                         "mfu": flops / elapsed / (peak * jax.device_count()) if peak else None,
                         "skipped_samples": totals["skipped"], "step_compiles": compiles.count("step"),
-                        "data_crc": zlib.crc32(json.dumps(batch["example_ids"]).encode())})
+                        "data_crc": data_crc})
                     window = dict.fromkeys(window, 0) | {"time": time.perf_counter()}
-                if preemption.requested:
+                if preemption.stop(step):
                     checkpoints.save(step, state, iterator, force=True)
-                    log.warning("SIGTERM: saved step %d to %s; stopping", step, workdir)
+                    log.warning("preemption (SIGTERM): saved step %d to %s; stopping", step, workdir)
                     break
                 checkpoints.save(step, state, iterator, force=step == config.steps)
         finally:
