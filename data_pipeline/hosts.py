@@ -26,13 +26,21 @@ _MESSAGE_BYTES = 384
 
 
 def _gather(values: np.ndarray) -> np.ndarray:
-    """int64[n] from each process → int64[processes, n]."""
+    """int[n] from each process (each value in [0, 2³¹): jax moves int32 unless x64 is on) → int64[processes, n]."""
     import jax
     from jax.experimental import multihost_utils
 
+    values = np.asarray(values, np.int64)
+    if values.size and (values.min() < 0 or values.max() >= 2**31):
+        raise ValueError("host agreement values must lie in [0, 2**31)")
     if jax.process_count() == 1:
         return values[None]
-    return np.asarray(multihost_utils.process_allgather(values)).reshape(jax.process_count(), -1)
+    gathered = multihost_utils.process_allgather(values.astype(np.int32))
+    return np.asarray(gathered, np.int64).reshape(jax.process_count(), -1)
+
+
+def _crc(text: str) -> int:
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
 def _encode(message: str) -> np.ndarray:
@@ -95,18 +103,18 @@ class HostAgreement:
     def check(self, step: int, batch: dict, rows_per_shard: int) -> int:
         """Verifies all hosts are at `step` with one batch shape; → the CRC of the global batch's example ids (each
         shard's CRC in shard order: the same value whatever the number of processes)."""
-        shape_key = zlib.crc32(repr(sorted(_shapes(batch))).encode())
+        shape_key = _crc(repr(sorted(_shapes(batch))))
         ids = batch["example_ids"]
         crcs = np.zeros(self.shards, np.int64)
         for i, s in enumerate(self.shard_ids):
-            crcs[s] = zlib.crc32(json.dumps(ids[i * rows_per_shard:(i + 1) * rows_per_shard]).encode())
+            crcs[s] = _crc(json.dumps(ids[i * rows_per_shard:(i + 1) * rows_per_shard]))
         table = _gather(np.concatenate([np.array([step, shape_key], np.int64), crcs]))
         for column, what in ((0, "train step"), (1, "batch shape")):
             values = table[:, column].tolist()
             if len(set(values)) > 1:
                 raise InputError(f"processes disagree on the {what} ({values} by process): their input pipelines "
                                  "diverged; restart all of them from the last checkpoint")
-        return zlib.crc32(json.dumps(table[:, 2:].max(0).tolist()).encode())
+        return _crc(json.dumps(table[:, 2:].max(0).tolist()))
 
 
 def _shapes(batch: dict):

@@ -133,14 +133,19 @@ def test_sigterm_leaves_a_checkpoint(tmp_path, data_dir):
     assert saved[-1] == summary["steps"]
 
 
+def two_processes(tmp_path, data_dirs, *args):
+    coordinator = f"localhost:{free_port()}"
+    return [start(command(tmp_path / "multi", data_dirs[i], *args), str(tmp_path / f"p{i}.log"), devices=1,
+                  JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+            for i in range(2)]
+
+
 def test_two_processes_train_like_one(tmp_path, data_dir):
+    """Each process reads and decodes only its batch shard; together they give one process's batches and losses."""
     steps = ["--config.steps=6", "--config.checkpoint_every=3", "--config.mesh=data=2"]
     single_log = str(tmp_path / "single.log")
     single = start(command(tmp_path / "single", data_dir, *steps), single_log, devices=2)
-    coordinator = f"localhost:{free_port()}"
-    multi = [start(command(tmp_path / "multi", data_dir, *steps), str(tmp_path / f"p{i}.log"), devices=1,
-                   JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-             for i in range(2)]
+    multi = two_processes(tmp_path, [data_dir] * 2, *steps)
     finish(single, single_log)
     for i, proc in enumerate(multi):
         finish(proc, str(tmp_path / f"p{i}.log"))
@@ -149,6 +154,29 @@ def test_two_processes_train_like_one(tmp_path, data_dir):
     np.testing.assert_allclose([two[s]["loss"] for s in range(1, 7)], [one[s]["loss"] for s in range(1, 7)],
                                rtol=1e-5)
     assert [two[s]["data_crc"] for s in range(1, 7)] == [one[s]["data_crc"] for s in range(1, 7)]
+    read = [summary_of(str(tmp_path / f"p{i}.log"))["examples_read"] for i in range(2)]
+    assert min(read) > 0 and sum(read) == summary_of(single_log)["examples_read"]
+
+
+def test_an_input_failure_on_one_process_stops_both_with_its_error(tmp_path, data_dir):
+    """Process 1's copy of the data set is corrupt (a bad disk on one host): both processes stop with the same
+    message naming process 1 and the read error, within the timeout — neither waits forever for the other."""
+    import shutil
+
+    bad = tmp_path / "bad_data"
+    shutil.copytree(data_dir, bad)
+    (record_file,) = bad.glob("synthetic_vqa/*/synthetic_vqa-train.array_record-*")
+    raw = bytearray(record_file.read_bytes())
+    raw[len(raw) // 4:len(raw) // 2] = b"\xab" * (len(raw) // 2 - len(raw) // 4)
+    record_file.write_bytes(raw)
+    procs = two_processes(tmp_path, [data_dir, str(bad)], "--config.steps=20", "--config.mesh=data=2")
+    for proc in procs:
+        proc.wait(TIMEOUT_S)
+    logs = [open(tmp_path / f"p{i}.log").read() for i in range(2)]
+    assert [proc.returncode for proc in procs] != [0, 0], logs[1][-2000:]
+    for log in logs:
+        assert "InputError: process 1 of 2 failed to build its share of input batch" in log, log[-2000:]
+        assert "Corrupted Riegeli/records file" in log
 
 
 def test_init_from_a_checkpoint_folder_starts_from_its_weights(tmp_path, data_dir):

@@ -222,7 +222,7 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
     writer = MetricsWriter(workdir, config.steps, first, tensorboard=config.get("tensorboard", True))
     preemption = Preemption(first)  # every process stops at the same step
     window = {"tokens": 0, "padded": 0, "vision": 0, "vision_padded": 0, "skipped": 0, "time": time.perf_counter()}
-    totals = {"skipped": 0, "tokens": 0, "padded": 0}
+    totals = {"skipped": 0, "tokens": 0, "padded": 0, "examples": 0}  # this process's shards only
     nonfinite_run, step, metrics, shapes = 0, first, {}, set()
     with CompileCounter() as compiles:
         try:
@@ -242,6 +242,7 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
                 totals["skipped"] += int(stats["skipped"])
                 totals["tokens"] += int(stats["real_tokens"])
                 totals["padded"] += int(stats["padded_tokens"])
+                totals["examples"] += int(stats["examples"])
                 writer.advance()
                 if step % config.log_every == 0 or step == config.steps:
                     loss = float(metrics["loss"])
@@ -274,7 +275,8 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
             writer.close()
     return {"steps": step, "loss": float(metrics["loss"]) if metrics else None, "preempted": preemption.requested,
             "step_compiles": compiles.count("step"), "batch_shapes": len(shapes), "skipped_samples": totals["skipped"],
-            "padding_efficiency": totals["tokens"] / max(totals["padded"], 1), "state": state}
+            "padding_efficiency": totals["tokens"] / max(totals["padded"], 1), "examples_read": totals["examples"],
+            "state": state}
 
 
 def main(argv=None) -> None:
