@@ -22,11 +22,16 @@ own subprocess (XLA reads the device-count flag once, at backend start). Model: 
 rows per row; records from data_pipeline.synthetic (make_example / to_messages).
 
 Times: lower + compile wall seconds (reported apart), then `--warmup` calls and best (and median) of `--repeats`
-timed calls; per token = seconds / (B · L) global (padded) tokens. ratio = 8-device best / 1-device best (goal ≤ 1.3).
-From each 8-device program's compiled HLO: `sharding.hlo_stats.collective_totals` and `largest_all_gather`, beside
-the activation sizes (global and per device) an activation-sized all-gather would have.
+timed calls; per token = seconds / (B · L) global (padded) tokens; ratio = 8-device best / 1-device best (≤ 1.3).
+Also the process CPU seconds of the best call (`cpu_ratio`: work done, which other processes on the machine do not
+inflate the way they inflate wall time) and, from XLA's HLO, 8 × the per-device matmul FLOPs over the 1-device
+FLOPs (`sharding.hlo_stats.dot_flops`, loops of known trip count only; 1.0 = the matmuls are divided, the blockwise
+attention's loops have traced bounds so attention has none). From each 8-device program's compiled HLO:
+`sharding.hlo_stats.collective_totals` and `largest_all_gather`, beside the global size of the activations
+(`activation_bytes_global`) that an activation-sized all-gather would return. The pipeline reads the records once
+(num_epochs=1: the first batch is the same as with repeats, without prefetching hundreds of examples per stream).
 
-    python bench/scaling.py [--meshes "fsdp=8;data=2,fsdp=2,tensor=2"] [--rows 8] [--length 1280] [--repeats 3]
+    python bench/scaling.py [--meshes "fsdp=8;data=2,fsdp=2,tensor=2"] [--rows 8] [--length 1280] [--repeats 5]
 
 Writes bench/results/scaling.json (`--out`). Every timing records cpu_use (process CPU s / wall s, ≈ 2 on an idle
 2-core machine) and the 1-minute load average: other processes inflate the times of one run but not the other.
@@ -137,8 +142,8 @@ def timed(fn, repeats: int, warmup: int) -> dict:
         fn()
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    return dict(best_s=min(times), median_s=statistics.median(times), times_s=times,
-                cpu_use=round(sum(cpu) / sum(times), 2), loadavg_1m=round(os.getloadavg()[0], 2))
+    return dict(best_s=min(times), median_s=statistics.median(times), times_s=times, cpu_best_s=min(cpu),
+                cpu_s=cpu, cpu_use=round(sum(cpu) / sum(times), 2), loadavg_1m=round(os.getloadavg()[0], 2))
 
 
 def compile_timed(jitted, *args):
@@ -195,8 +200,7 @@ def child(args) -> dict:
         out["data_s"] = round(time.perf_counter() - t, 1)
     out["batch_fingerprint"] = fingerprint({k: v for k, v in batch.items() if k != "stats"})
     out["batch_stats"] = {k: int(v) for k, v in batch["stats"].items()}
-    out["batch_shapes"] = {"input_ids": list(batch["input_ids"].shape), "vision_pixels": list(batch["vision_pixels"].shape),
-                           "loss_index": list(batch["loss_index"].shape)}
+    out["batch_shapes"] = {key: list(batch[key].shape) for key in ("input_ids", "vision_pixels", "loss_index")}
     B, L = batch["input_ids"].shape
     S, V, C = batch["vision_pixels"].shape
     tokens = B * L
@@ -322,10 +326,12 @@ def summarize(runs: dict) -> list[dict]:
             a, b = many["programs"][name], one["programs"][name]
             hlo = a.get("hlo", {})
             gather = hlo.get("largest_all_gather")
-            flops = lambda run: sum(run["programs"][name]["hlo"]["dot_flops_per_device"].values())
+            flops = lambda run: run["programs"][name]["hlo"]["dot_flops_per_device"]["flops"]
             rows.append(dict(
                 mesh=mesh, program=name, tokens=many["tokens"], s_8=a["best_s"], s_1=b["best_s"],
-                ratio=a["best_s"] / b["best_s"], tokens_per_s_8=a["tokens_per_s"], tokens_per_s_1=b["tokens_per_s"],
+                ratio=a["best_s"] / b["best_s"], cpu_s_8=a["cpu_best_s"], cpu_s_1=b["cpu_best_s"],
+                cpu_ratio=a["cpu_best_s"] / b["cpu_best_s"], tokens_per_s_8=a["tokens_per_s"],
+                tokens_per_s_1=b["tokens_per_s"],
                 us_per_token_8=a["us_per_token"], us_per_token_1=b["us_per_token"], compile_s_8=a["compile_s"],
                 compile_s_1=b["compile_s"], cpu_use_8=a["cpu_use"], cpu_use_1=b["cpu_use"],
                 dot_flops_8x_over_1=DEVICES * flops(many) / flops(one) if flops(one) else None,
@@ -337,13 +343,16 @@ def summarize(runs: dict) -> list[dict]:
 
 def print_table(results):
     print(f"\nscaling: {DEVICES} fake CPU devices vs 1, same global batch ({results['sizes']}); ratio goal <= 1.3")
-    print(f"{'mesh':24s} {'program':11s} {'8-dev s':>8s} {'1-dev s':>8s} {'ratio':>6s} {'8-dev tok/s':>11s} "
-          f"{'1-dev tok/s':>11s} {'compile 8/1 s':>14s} {'cpu 8/1':>8s} {'8·flops/1':>9s}  collectives (8-dev); largest all-gather")
+    print(f"{'mesh':24s} {'program':11s} {'8-dev s':>8s} {'1-dev s':>8s} {'ratio':>6s} {'CPU-s 8/1':>12s} {'ratio':>6s} "
+          f"{'8-dev tok/s':>11s} {'1-dev tok/s':>11s} {'compile 8/1 s':>14s} {'cpu 8/1':>8s} {'8·flops/1':>9s}  "
+          "collectives (8-dev); largest all-gather")
     for r in results["table"]:
         coll = ", ".join(f"{k} {v}" for k, v in r["collectives"].items()) or "none"
+        flops_ratio = "-" if r["dot_flops_8x_over_1"] is None else f"{r['dot_flops_8x_over_1']:.2f}"
         print(f"{r['mesh']:24s} {r['program']:11s} {r['s_8']:8.3f} {r['s_1']:8.3f} {r['ratio']:6.2f} "
-              f"{r['tokens_per_s_8']:11.0f} {r['tokens_per_s_1']:11.0f} "
-              f"{r['compile_s_8']:6.1f}/{r['compile_s_1']:<6.1f} {r['cpu_use_8']:.2f}/{r['cpu_use_1']:.2f} {r['dot_flops_8x_over_1'] or 0:9.2f}  "
+              f"{r['cpu_s_8']:5.2f}/{r['cpu_s_1']:<6.2f} {r['cpu_ratio']:6.2f} {r['tokens_per_s_8']:11.0f} "
+              f"{r['tokens_per_s_1']:11.0f} {r['compile_s_8']:6.1f}/{r['compile_s_1']:<6.1f} "
+              f"{r['cpu_use_8']:.2f}/{r['cpu_use_1']:.2f} {flops_ratio:>9s}  "
               f"{coll}; {r['largest_all_gather_bytes'] / 1e3:.1f} kB")
 
 
@@ -353,7 +362,7 @@ def write(results: dict, out: str):
     try:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import forward as fw
-    except ImportError as error:  # noqa: F841
+    except ImportError:
         results["total_runtime_s"] = round(time.perf_counter() - T0, 1)
         results["machine"]["loadavg_at_end"] = os.getloadavg()
         print_table(results)
@@ -370,7 +379,7 @@ def main():
     parser.add_argument("--meshes", default=";".join(MESHES), help="';'-separated mesh specs of 8 devices")
     parser.add_argument("--rows", type=int, default=8, help="global batch rows")
     parser.add_argument("--length", type=int, default=1280, help="tokens per row")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--records", type=int, default=64, help="synthetic records the pipeline reads from")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "scaling.json"))

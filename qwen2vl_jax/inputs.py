@@ -72,15 +72,75 @@ def splice_index(input_ids: np.ndarray, config: Qwen2VLConfig, image_tokens: int
     return index
 
 
+def _owners(input_ids: np.ndarray, token: int, tokens_each: np.ndarray, what: str) -> np.ndarray:
+    """The batch row each image (video) of the batch appears in, from its placeholders (in order of appearance)."""
+    per_row = np.cumsum((input_ids == token).sum(1))
+    first = np.concatenate([[0], np.cumsum(tokens_each)[:-1]]).astype(np.int64)
+    rows = np.searchsorted(per_row, first, side="right")
+    last = np.searchsorted(per_row, first + tokens_each - 1, side="right")
+    if np.any(rows != last):
+        raise ValueError(f"a {what}'s placeholder tokens run across two batch rows; each {what} must sit in one row")
+    return rows
+
+
+def shard_vision(config: Qwen2VLConfig, input_ids: np.ndarray, images: np.ndarray, videos: np.ndarray,
+                 shards: int, pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """The packed ViT laid out per batch shard: rows [s·B/S, (s+1)·B/S) form shard s, and shard s's sequence holds
+    the images, then the videos, of its rows. → vision_pos_hw int32[S, V, 2], vision_segment_ids int32[S, V],
+    vision_rows int32[S, V] (the row of [pixel_values; pixel_values_videos] each patch takes, -1 on padding;
+    `gather_vision_pixels` applies it) and splice_index int32[B, L] into the row's own shard's merged features.
+    V = `pad_to`, or the largest shard's patch count."""
+    B, merge2 = input_ids.shape[0], config.vision.spatial_merge_size**2
+    if B % shards:
+        raise ValueError(f"{B} batch rows cannot be split into {shards} vision shards: use a multiple of {shards}")
+    items = []  # (shard, grid, first pixel row, first global feature)
+    pixel_start, feature_start = 0, 0
+    for token, grids, what in ((config.image_token_id, images, "image"), (config.video_token_id, videos, "video")):
+        tokens_each = grids.prod(-1) // merge2
+        for grid, row, n in zip(grids, _owners(input_ids, token, tokens_each, what), tokens_each):
+            items.append((row // (B // shards), grid, pixel_start, feature_start))
+            pixel_start, feature_start = pixel_start + int(grid.prod()), feature_start + int(n)
+    local_feature = np.zeros(feature_start, np.int32)
+    layouts, pixel_rows = [], []
+    for s in range(shards):
+        mine = [it for it in items if it[0] == s]  # images before videos, each in order: as `items`
+        at = 0
+        for _, grid, _, feature in mine:
+            n = int(grid.prod()) // merge2
+            local_feature[feature:feature + n] = at + np.arange(n)
+            at += n
+        layouts.append(vision_layout(np.array([g for _, g, _, _ in mine], np.int64).reshape(-1, 3),
+                                     config.vision.spatial_merge_size))
+        pixel_rows.append(np.concatenate([np.arange(p, p + int(g.prod())) for _, g, p, _ in mine] or [[]]))
+    width = max(len(r) for r in pixel_rows) if pad_to is None else pad_to
+    if width < max(len(r) for r in pixel_rows):
+        raise ValueError(f"vision_pad_to={pad_to} is smaller than a shard's {max(len(r) for r in pixel_rows)} patches")
+    pad = lambda x, value: np.concatenate([x, np.full((width - len(x),) + x.shape[1:], value, x.dtype)])
+    index = splice_index(input_ids, config, int((images.prod(-1) // merge2).sum()),
+                         int((videos.prod(-1) // merge2).sum()))
+    return dict(vision_pos_hw=np.stack([pad(pos, 0) for pos, _ in layouts]).astype(np.int32),
+                vision_segment_ids=np.stack([pad(seg, 0) for _, seg in layouts]).astype(np.int32),
+                vision_rows=np.stack([pad(r.astype(np.int32), -1) for r in pixel_rows]),
+                splice_index=np.where(index >= 0, local_feature[np.maximum(index, 0)], -1).astype(np.int32))
+
+
+def gather_vision_pixels(pixels: np.ndarray, vision_rows: np.ndarray) -> np.ndarray:
+    """[pixel_values; pixel_values_videos] float[N, C] → per-shard pixels float[S, V, C] (`shard_vision`)."""
+    out = np.asarray(pixels)[np.maximum(vision_rows, 0)]
+    return np.where((vision_rows >= 0)[..., None], out, 0).astype(out.dtype)
+
+
 def prepare_inputs(config: Qwen2VLConfig, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
                    *, image_rows: int | None = None, video_rows: int | None = None,
-                   vision_pad_to: int | None = None) -> dict[str, np.ndarray]:
+                   vision_pad_to: int | None = None, vision_shards: int | None = None) -> dict[str, np.ndarray]:
     """input_ids, attention_mask: int[B, L] (left padded); grids int[n, 3]. `image_rows` / `video_rows`: the
     first dimension of pixel_values / pixel_values_videos, checked against the grids.
 
     Returns numpy arrays: attention_mask int32[B, L], position_ids int32[3, B, L], rope_deltas int32[B],
     splice_index int32[B, L], vision_pos_hw int32[N, 2], vision_segment_ids int32[N] (N = image + video patches,
-    or `vision_pad_to`)."""
+    or `vision_pad_to`). With `vision_shards` S (the mesh's batch shards), the ViT is laid out per shard instead
+    (`shard_vision`): vision_pos_hw [S, V, 2], vision_segment_ids [S, V], vision_rows [S, V] (feed the model
+    `gather_vision_pixels(pixels, vision_rows)`) and a per-shard splice_index."""
     input_ids = np.asarray(input_ids)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length]; got shape {input_ids.shape}")
@@ -104,6 +164,8 @@ def prepare_inputs(config: Qwen2VLConfig, input_ids, attention_mask=None, image_
     positions, deltas = get_rope_index(input_ids, mask, images if len(images) else None,
                                        videos if len(videos) else None, image_token_id=config.image_token_id,
                                        video_token_id=config.video_token_id, spatial_merge_size=merge)
+    out = dict(attention_mask=mask, position_ids=positions, rope_deltas=deltas)
+    if vision_shards:
+        return out | shard_vision(config, input_ids, images, videos, vision_shards, vision_pad_to)
     pos_hw, segments = vision_layout(np.concatenate([images, videos]), merge, vision_pad_to)
-    return dict(attention_mask=mask, position_ids=positions, rope_deltas=deltas, splice_index=index,
-                vision_pos_hw=pos_hw, vision_segment_ids=segments)
+    return out | dict(splice_index=index, vision_pos_hw=pos_hw, vision_segment_ids=segments)

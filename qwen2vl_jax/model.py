@@ -127,11 +127,13 @@ class Qwen2VL(nn.Module):
 
 
 def _init(config: Qwen2VLConfig, key) -> dict:
-    """Random params, boxed in nn.LogicallyPartitioned (from one image placeholder and a 2×2-patch image)."""
+    """Random params, boxed in nn.LogicallyPartitioned (from one image placeholder and a 2×2-patch image). The
+    dummy one-row batch is traced without the caller's activation rules: it is no batch a mesh could split."""
     ids = np.array([[config.image_token_id]])
     prepared = prepare_inputs(config, ids, image_grid_thw=np.array([[1, 2, 2]]), image_rows=4)
     pixels = np.zeros((4, config.vision.patch_dim), np.float32)
-    return Qwen2VL(config).init(key, ids, prepared, pixels, method=Qwen2VL.forward)["params"]
+    with nn.logical_axis_rules(()):
+        return Qwen2VL(config).init(key, ids, prepared, pixels, method=Qwen2VL.forward)["params"]
 
 
 def abstract_params(config: Qwen2VLConfig) -> dict:

@@ -45,9 +45,9 @@ def place(tree, shardings):
 
 def main(out_path: str) -> None:
     cfg, _, params = reference("untied")
-    batch = train_batch(cfg)
     optimizer = make_optimizer(1e-3, warmup_steps=1, total_steps=10)
     mesh = make_mesh("data=2,fsdp=2")
+    batch = train_batch(cfg, shards=4)
     shardings = state_shardings(cfg, optimizer, mesh)
     b_shard = batch_shardings(batch, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -7,9 +7,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from qwen2vl_jax import Qwen2VL, prepare_inputs
+from qwen2vl_jax.inputs import gather_vision_pixels
 from reference import reference
 from sharding.mesh import device_grid, make_mesh, parse_axes, resolve_axes
-from sharding.rules import axis_rules, batch_shardings, param_shardings
+from sharding.rules import axis_rules, batch_shard_count, batch_shardings, param_shardings
 from test_model import make_batch
 from training.step import (IGNORE, init_state, jit_train_step, loss_fn, make_optimizer, state_shardings,
                            train_step)
@@ -18,15 +19,19 @@ PIECES = [[2, ("image", (1, 4, 4)), 3], [6, ("image", (1, 8, 6)), 1], [1, ("imag
 MESHES = ["fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"]
 
 
-def train_batch(cfg, pieces=PIECES, seed=0) -> dict:
-    """A training batch (training/step.py layout) from `make_batch` pieces: labels on every real token."""
+def train_batch(cfg, pieces=PIECES, seed=0, shards=None) -> dict:
+    """A training batch (training/step.py layout) from `make_batch` pieces: labels on every real token. `shards`: the
+    packed ViT laid out per batch shard (as the data pipeline builds it for a mesh) instead of one sequence."""
     b = make_batch(cfg, pieces, seed)
     rows = len(b["pixel_values"]) if "pixel_values" in b else None
-    prepared = prepare_inputs(cfg, b["input_ids"], b["attention_mask"], b.get("image_grid_thw"), image_rows=rows)
+    prepared = prepare_inputs(cfg, b["input_ids"], b["attention_mask"], b.get("image_grid_thw"), image_rows=rows,
+                              vision_shards=shards)
     out = {"input_ids": b["input_ids"], "labels": np.where(b["attention_mask"] == 1, b["input_ids"], IGNORE),
            "prepared": prepared}
     if rows:
-        out["vision_pixels"] = b["pixel_values"]
+        vision_rows = prepared.pop("vision_rows", None)
+        out["vision_pixels"] = b["pixel_values"] if shards is None else gather_vision_pixels(b["pixel_values"],
+                                                                                              vision_rows)
     return out
 
 
@@ -105,10 +110,13 @@ def _single_device(name: str):
 
 @pytest.mark.parametrize("axes", MESHES)
 def test_sharded_forward_loss_and_grads_equal_one_device(axes):
+    """One device runs the batch's ViT as one sequence; the mesh runs it per batch shard (each shard's images its
+    own packed sequence, spliced back within the shard): the same logits, loss and gradients."""
     cfg, _, params = reference("untied")
-    batch = train_batch(cfg)
-    logits1, loss1, grads1 = _single_device("untied")
     mesh = make_mesh(axes)
+    batch = train_batch(cfg, shards=batch_shard_count(mesh))
+    assert batch["vision_pixels"].shape[0] == 4
+    logits1, loss1, grads1 = _single_device("untied")
     with jax.set_mesh(mesh), axis_rules(mesh):
         p = _place(params, param_shardings(cfg, mesh))
         b = _place(batch, batch_shardings(batch, mesh))
@@ -140,11 +148,11 @@ def test_remat_and_scan_keep_the_gradients(remat):
 
 def test_train_step_on_a_mesh_equals_one_device():
     cfg, _, params = reference("untied")
-    batch = train_batch(cfg)
     optimizer = make_optimizer(1e-3, warmup_steps=1, total_steps=10)
     step = jax.jit(functools.partial(train_step, config=cfg, optimizer=optimizer))
-    state1, metrics1 = step(init_state(params, optimizer), batch)
+    state1, metrics1 = step(init_state(params, optimizer), train_batch(cfg))
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    batch = train_batch(cfg, shards=batch_shard_count(mesh))
     shardings = state_shardings(cfg, optimizer, mesh)
     with jax.set_mesh(mesh):
         state = jax.jit(functools.partial(init_state, optimizer=optimizer), out_shardings=shardings)(
