@@ -57,6 +57,10 @@ def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, 
 
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app take the defaults
             flags.FLAGS.mark_as_parsed()
+    # grain's default read-ahead (16 threads, 500 examples) per stream would decode 500 images per shard before the
+    # first batch; the streams share it instead
+    read = grain.ReadOptions(num_threads=max(16 // len(shard_ids), 1),
+                             prefetch_buffer_size=max(500 // len(shard_ids), 4 * layout.rows_per_shard))
     streams = []
     for s in shard_ids:
         ds = grain.MapDataset.source(source)
@@ -64,7 +68,7 @@ def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, 
             ds = ds[s::shards]
         if data.shuffle:
             ds = ds.shuffle(seed=seed)
-        ds = ds.repeat(data.num_epochs).map(transform).to_iter_dataset()
+        ds = ds.repeat(data.num_epochs).map(transform).to_iter_dataset(read)
         if workers:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
         streams.append(ds)
