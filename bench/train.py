@@ -216,8 +216,8 @@ def main():
         scen_info[name] = dict(
             labels=("input_ids except the image placeholders" if name == "all_text" else
                     f"the last {args.answer_tokens} text tokens of each sample only (assistant answer)"),
-            targets=targets, labelled_fraction=targets / tokens, head_rows_selected=len(pos["loss_index"]),
-            head_fraction_selected=len(pos["loss_index"]) / tokens, head_rows_full=tokens)
+            targets=targets, labelled_fraction=targets / tokens, head_rows_selected=pos["loss_index"].size,
+            head_fraction_selected=pos["loss_index"].size / tokens, head_rows_full=tokens)
     results = dict(
         bench="train",
         model="small Qwen2-VL (vision depth 4, embed 256, 4 heads; text hidden 512, 4 layers, 8 heads / 2 kv, "

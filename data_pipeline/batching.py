@@ -141,10 +141,7 @@ class BatchIterator(grain.DatasetIterator):
         lay = self.layout
         length = rung(lay.lengths, needs[0], "row length")
         vision = rung(lay.shard_vision_rows, needs[1], "vision patch rows per shard") if needs[1] else 0
-        loss = 0
-        if lay.loss_fractions:
-            loss = next((int(f * length) for f in sorted(lay.loss_fractions) if int(f * length) >= needs[2]), length)
-        return Shape(length, vision, loss)
+        return Shape(length, vision, head_rows(lay.loss_fractions, length, needs[2]) if lay.loss_fractions else 0)
 
     def _collate(self, rows: list[list[dict]], shape: Shape) -> dict:
         """One shard's rows → its part of the batch (arrays of the layout above with S = 1)."""
@@ -173,7 +170,7 @@ class BatchIterator(grain.DatasetIterator):
         part = dict(input_ids=ids, labels=labels, prepared=dict(attention_mask=segments, position_ids=positions,
                                                                splice_index=index))
         if shape.loss_rows:
-            part.update(loss_positions(labels, segments, shape.loss_rows))
+            part.update(loss_positions(labels, segments, per_row=shape.loss_rows))
         if shape.vision_rows:
             pos_hw, vision_segments = vision_layout(grids, merge, shape.vision_rows)
             part["prepared"].update(vision_pos_hw=pos_hw[None], vision_segment_ids=vision_segments[None])
@@ -286,11 +283,19 @@ def _split(pixels: np.ndarray, grids: np.ndarray, start: int):
         start += n
 
 
-def loss_positions(labels: np.ndarray, segments: np.ndarray, per_row: int) -> dict:
+def head_rows(fractions: tuple[float, ...], length: int, targets: int) -> int:
+    """LM-head positions per row of `length`: the smallest f·length (f in `fractions`) that holds `targets`."""
+    return next((int(f * length) for f in sorted(fractions) if int(f * length) >= targets), length)
+
+
+def loss_positions(labels: np.ndarray, segments: np.ndarray, fractions: tuple[float, ...] = (0.125, 0.5, 1.0),
+                   per_row: int | None = None) -> dict:
     """loss_index int32[B, per_row]: positions p within each row whose next token is a target of the same example;
-    loss_targets int32[B, per_row]: those targets, IGNORE where a row has fewer (index 0 there)."""
+    loss_targets int32[B, per_row]: those targets, IGNORE where a row has fewer (index 0 there). per_row defaults to
+    `head_rows` of the row holding the most targets."""
     B, L = labels.shape
     take = (labels[:, 1:] != IGNORE) & (segments[:, 1:] == segments[:, :-1])
+    per_row = head_rows(fractions, L, int(take.sum(1).max())) if per_row is None else per_row
     index, targets = np.zeros((B, per_row), np.int32), np.full((B, per_row), IGNORE, np.int32)
     for r in range(B):
         cols = np.flatnonzero(take[r])

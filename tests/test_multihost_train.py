@@ -10,22 +10,13 @@ import time
 import pytest
 
 from test_multihost import free_port, tail
-from test_train_cli import command, finish, start, summary_of
+from test_train_cli import command, data_dir, finish, start, summary_of  # noqa: F401 (data_dir: a fixture)
 from training.metrics import read_metrics
 
 TIMEOUT_S = 240
 STEPS = 16
 ARGS = (f"--config.steps={STEPS}", "--config.checkpoint_every=4", "--config.mesh=data=2",
         "--config.data.length_buckets=(64,128)", "--config.data.vision_buckets=(256,512)")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data_pipeline.synthetic import write_tfds
-
-    folder = str(tmp_path_factory.mktemp("data"))
-    write_tfds(folder, {"train": 96, "test": 16}, seed=0)
-    return folder
 
 
 @pytest.fixture(scope="module")
