@@ -190,6 +190,11 @@ def compute_stats(config, out: dict, compiled, chip: str | None) -> dict:
                              "op_name": g.op_name} for g in hlo_stats.all_gathers(module)[:20]]  # largest first
     stats["largest_all_gather"] = stats["all_gathers"][0] if stats["all_gathers"] else None
     stats["loops"] = [{"trip_count": w.trip_count, "depth": w.depth} for w in hlo_stats.while_loops(module)]
+    # the splice of merged vision features into the text embeddings (Qwen2VL.embed, less the token-table lookup),
+    # forward and backward: 0 when each batch shard splices its own ViT shard's features
+    stats["splice_bytes_per_device"] = sum(
+        c.bytes * (c.executions or 1) for c in hlo_stats.collectives(module)
+        if "Qwen2VL.embed" in c.op_name and "language_model" not in c.op_name and c.group != 1)
     wire = sum(t["wire_bytes_per_step"] for t in stats["collectives"].values())
     stats["wire_bytes_per_device"] = wire
     if chip:
@@ -257,6 +262,8 @@ def _report_compute(result: dict) -> list[str]:
         lines.append(f"  {kind:<32}{t['count']:>5}{runs:>7}{t['bytes_per_step'] / 1e9:>12.3f} GB"
                      f"{t['wire_bytes_per_step'] / 1e9:>12.3f} GB" + (f"  (+ {t['trivial']} over 1-device groups)"
                                                                       if t["trivial"] else ""))
+    lines.append(f"  vision features spliced across devices: {result['splice_bytes_per_device'] / 1e6:.3f} MB "
+                 "(each batch shard splices its own ViT shard's features)")
     gather = result["largest_all_gather"]
     if gather:
         lines.append(f"  largest all-gather: {' '.join(gather['arrays'])} ({gather['bytes'] / 1e6:.1f} MB, "

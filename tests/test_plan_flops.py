@@ -55,6 +55,9 @@ def test_planner_reports_flops_collectives_and_mfu(tmp_path, capsys):
     assert c["all-gather"]["count"] > 0 and c["all-reduce"]["count"] > 0  # fsdp gathers, tensor-parallel sums
     assert all(t["executions"] is not None and t["executions"] >= t["count"] for t in c.values())
     assert result["wire_bytes_per_device"] > 0
+    # the ViT runs per batch shard and each shard splices its own features: no collective in the splice (the old
+    # one-sequence layout replicated the merged features to every device first)
+    assert result["splice_bytes_per_device"] == 0 and "vision features spliced across devices: 0.000 MB" in text
     assert 0 < result["mfu"]["mfu_not_overlapped"] <= result["mfu"]["mfu_overlapped"] <= 0.75
     # nothing gathers a float activation: no all-gather of a [B, L, ...] or [V, ...] array (weights are gathered by
     # design; the int32 token ids are, by the embedding lookup's gather)
