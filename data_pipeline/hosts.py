@@ -100,11 +100,12 @@ class HostAgreement:
             merged |= json.loads(bytes(row[1:1 + int(row[0])].astype(np.uint8)).decode())
         return {"shards": merged}
 
-    def check(self, step: int, batch: dict, rows_per_shard: int) -> int:
+    def check(self, step: int, batch: dict) -> int:
         """Verifies all hosts are at `step` with one batch shape; → the CRC of the global batch's example ids (each
         shard's CRC in shard order: the same value whatever the number of processes)."""
         shape_key = _crc(repr(sorted(_shapes(batch))))
-        ids = batch["example_ids"]
+        ids = batch["example_ids"]  # rows of this process's shards, in shard order
+        rows_per_shard = len(ids) // len(self.shard_ids)
         crcs = np.zeros(self.shards, np.int64)
         for i, s in enumerate(self.shard_ids):
             crcs[s] = _crc(json.dumps(ids[i * rows_per_shard:(i + 1) * rows_per_shard]))

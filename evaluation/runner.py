@@ -216,15 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, help="the first N samples only")
     parser.add_argument("--dtype", help="cast the weights (float32 is fastest on CPUs)")
     parser.add_argument("--chunk", type=int, default=64, help="samples prepared, sorted and written at a time")
-    parser.add_argument("--compile-cache", metavar="DIR",
-                        help="JAX's persistent compilation cache: a later run loads these programs instead of "
-                             "compiling them (default: $JAX_COMPILATION_CACHE_DIR or ~/.cache/qwen2vl-jax/"
-                             "compile_cache; \"\" = off)")
-    args = parser.parse_args(argv)
-    from qwen2vl_jax.compiles import CompileCache, user_cache_dir
+    from qwen2vl_jax.compiles import add_cache_flag, cache_from_flag
 
+    add_cache_flag(parser)
+    args = parser.parse_args(argv)
     try:
-        with CompileCache(user_cache_dir() if args.compile_cache is None else args.compile_cache):
+        with cache_from_flag(args.compile_cache):
             summary = evaluate(args.checkpoint, args.data, args.task, args.out, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, data_dir=args.data_dir, limit=args.limit,
                                dtype=args.dtype, chunk=args.chunk)

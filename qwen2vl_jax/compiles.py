@@ -86,6 +86,19 @@ def user_cache_dir() -> str:
     return os.path.join(base, "qwen2vl-jax", "compile_cache")
 
 
+def add_cache_flag(parser) -> None:
+    """`--compile-cache DIR` for a one-shot command's argparse parser (read back with `cache_from_flag`)."""
+    parser.add_argument("--compile-cache", metavar="DIR",
+                        help="JAX's persistent compilation cache: a later call loads these programs instead of "
+                             "compiling them (default: $JAX_COMPILATION_CACHE_DIR or ~/.cache/qwen2vl-jax/"
+                             "compile_cache; \"\" = off)")
+
+
+def cache_from_flag(value: str | None) -> "CompileCache":
+    """The CompileCache a `--compile-cache` value asks for (None: `user_cache_dir()`)."""
+    return CompileCache(user_cache_dir() if value is None else value)
+
+
 class CompileCache:
     """JAX's persistent compilation cache in `directory` (local or gs://) while open, for every program however
     small or quick to compile (so CPU runs gain too; JAX's defaults skip programs under 1 s), with a CompileCounter

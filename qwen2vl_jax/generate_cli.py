@@ -64,15 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", help="cast the weights, e.g. float32 (fastest on CPUs) or bfloat16")
-    parser.add_argument("--compile-cache", metavar="DIR",
-                        help="JAX's persistent compilation cache: the next call loads these programs instead of "
-                             "compiling them (default: $JAX_COMPILATION_CACHE_DIR or ~/.cache/qwen2vl-jax/"
-                             "compile_cache; \"\" = off)")
+    from qwen2vl_jax.compiles import add_cache_flag, cache_from_flag
+
+    add_cache_flag(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    from qwen2vl_jax.compiles import CompileCache, user_cache_dir
-
-    cache = CompileCache(user_cache_dir() if args.compile_cache is None else args.compile_cache)
+    cache = cache_from_flag(args.compile_cache)
     try:
         with cache:
             text = answer(args.checkpoint, args.prompt, args.image, args.video, max_new_tokens=args.max_new_tokens,

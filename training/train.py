@@ -231,7 +231,7 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
                 stats = batch["stats"]
                 shapes.add(tuple(batch[k].shape if k in batch else None
                                  for k in ("input_ids", "vision_pixels", "loss_index")))
-                data_crc = hosts.check(step, batch, config.data.batch_size // hosts.shards)
+                data_crc = hosts.check(step, batch)
                 device_batch, shardings = place(batch, mesh, hosts.shard_ids)
                 state, metrics = step_for(shardings)(state, device_batch)
                 step += 1
