@@ -40,7 +40,7 @@ setup(
         "console_scripts": [
             "qwen2vl-demo=qwen2vl_jax.demo:main",
             "qwen2vl-convert=qwen2vl_jax.checkpoint.convert:main",
-            "qwen2vl-generate=qwen2vl_jax.generate_cli:main",
+            "qwen2vl-generate=evaluation.generate_cli:main",
             "qwen2vl-train=training.train:main",
             "qwen2vl-eval=evaluation.runner:main",
         ],

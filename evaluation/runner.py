@@ -1,9 +1,10 @@
 """Batched, resumable evaluation: `qwen2vl-eval --checkpoint DIR --data SPEC --task NAME --out preds.jsonl`.
 
-Each process takes every process_count-th sample (data parallel over hosts, and over a host's devices: one model
-replica and one thread per device, so a model must fit one device), prepares it
-with the checkpoint's Processor, generates greedily through `qwen2vl_jax.generate_many` (bucketed shapes; samples
-are sorted by size within a chunk so a batch holds similar shapes) and appends one line per sample to
+Each process takes every process_count-th sample (data parallel over hosts) and runs one SPMD program over its
+devices (`--mesh`, default data=-1: each batch split over every local device; `tensor=N` splits the weights, for
+models one device cannot hold). It prepares each sample with the checkpoint's Processor, generates greedily through
+`qwen2vl_jax.generation.generate_many` (bucketed shapes; samples are sorted by size within a chunk so a batch holds
+similar shapes) and appends one line per sample to
 `OUT.part<process>` as soon as its batch is done (flushed: a killed run loses at most the batch in flight). At the
 end process 0 merges every part and any earlier OUT into OUT in input order — so an interrupted run, rerun with the
 same --out, ends with the file an uninterrupted run writes — and writes OUT's summary (`preds.summary.json`).
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from data_pipeline.sources import question_text
 from evaluation.data import open_eval_source
+from evaluation.serving import DEFAULT_MESH, add_model_flags, open_model
 from evaluation.metrics import METRICS
 
 METRIC_NAMES = {"vqa": "vqa_accuracy", "docvqa": "anls", "chartqa": "relaxed_accuracy", "refcoco": "acc@iou0.5",
@@ -81,32 +83,12 @@ def prepare(processor, sample: dict, task: str) -> tuple[dict | None, str, str |
     return batch, prompt, None
 
 
-def generate_on_devices(config, replicas: list, requests: list[dict], **options) -> list:
-    """`generate_many` data-parallel over this host's devices: one thread per (device, params on it), each taking a
-    contiguous block of `requests` (kept sorted, so each device sees similar shapes). → results in request order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from qwen2vl_jax.generation import generate_many
-
-    per = -(-len(requests) // len(replicas)) if requests else 0
-    blocks = [(device, params, requests[i * per:(i + 1) * per]) for i, (device, params) in enumerate(replicas)]
-
-    def run(device, params, block):
-        with jax.default_device(device):
-            return generate_many(config, params, block, **options) if block else []
-
-    if len(replicas) == 1:
-        return run(*blocks[0])
-    with ThreadPoolExecutor(len(replicas)) as pool:
-        return [r for block in pool.map(lambda b: run(*b), blocks) for r in block]
-
-
 def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int = 8,
              max_new_tokens: int | None = None, data_dir: str | None = None, limit: int | None = None,
-             dtype: str | None = None, chunk: int = 64) -> dict:
+             dtype: str | None = None, chunk: int = 64, mesh: str = DEFAULT_MESH) -> dict:
     """Runs (or finishes) the evaluation; → the summary (process 0) or {} (other processes)."""
-    import qwen2vl_jax
     from qwen2vl_jax.compiles import CompileCounter
+    from qwen2vl_jax.generation import generate_many
     from qwen2vl_jax.processing import Processor
     from sharding.mesh import initialize_distributed
 
@@ -116,9 +98,7 @@ def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int
     rank, ranks = jax.process_index(), jax.process_count()
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
     processor = Processor.from_pretrained(checkpoint)
-    config, params = qwen2vl_jax.load(checkpoint, dtype=dtype)
-    replicas = [(device, jax.device_put(params, device)) for device in jax.local_devices()]
-    del params
+    model = open_model(checkpoint, mesh, dtype)
     source = open_eval_source(data, data_dir)
     total = len(source) if limit is None else min(limit, len(source))
     part = epath.Path(f"{out}.part{rank}")
@@ -136,9 +116,11 @@ def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int
             runnable = [k for k, (request, _, _) in enumerate(prepared) if request is not None]
             # similar sizes side by side: fewer padded rows and tokens per bucket
             runnable.sort(key=lambda k: (len(prepared[k][0].get("pixel_values", ())), prepared[k][0]["input_ids"].size))
-            results = dict(zip(runnable, generate_on_devices(config, replicas, [prepared[k][0] for k in runnable],
-                                                             batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                                             eos_token_ids=eos)))
+            with model.context():
+                results = dict(zip(runnable, generate_many(model.config, model.params,
+                                                           [prepared[k][0] for k in runnable], batch_size=batch_size,
+                                                           max_new_tokens=max_new_tokens, temperature=0.0,
+                                                           eos_token_ids=eos)))
             for k, (sample, (_, prompt, error)) in enumerate(zip(samples, prepared)):
                 result = results.get(k)
                 if isinstance(result, Exception):
@@ -187,13 +169,13 @@ def merge(out: str, ranks: int, task: str, total: int, stats: dict) -> dict:
     return summary
 
 
-MODEL_PROGRAMS = ("encode", "prefill", "decode")  # generation's jitted programs (the rest are small host-side ops)
+MODEL_PROGRAMS = ("prefill", "decode")  # generation's programs; anything else compiled is counted as "other"
 
 
 def print_table(summary: dict) -> None:
     counts = summary["compiles"]
     compiles = ", ".join(f"{k} {counts.get(k, 0)}" for k in MODEL_PROGRAMS)
-    compiles += f" (+{sum(v for k, v in counts.items() if k not in MODEL_PROGRAMS)} small ops)"
+    compiles += f", other {sum(v for k, v in counts.items() if k not in MODEL_PROGRAMS)}"
     rate = summary["samples_per_s"]
     rows = [("task", summary["task"]), ("metric", summary["metric"]),
             ("value", "—" if summary["value"] is None else f"{summary['value']:.4f}"),
@@ -214,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, help="default per task: " + str(MAX_NEW_TOKENS))
     parser.add_argument("--limit", type=int, help="the first N samples only")
-    parser.add_argument("--dtype", help="cast the weights (float32 is fastest on CPUs)")
+    add_model_flags(parser)
     parser.add_argument("--chunk", type=int, default=64, help="samples prepared, sorted and written at a time")
     from qwen2vl_jax.compiles import add_cache_flag, cache_from_flag
 
@@ -224,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         with cache_from_flag(args.compile_cache):
             summary = evaluate(args.checkpoint, args.data, args.task, args.out, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, data_dir=args.data_dir, limit=args.limit,
-                               dtype=args.dtype, chunk=args.chunk)
+                               dtype=args.dtype, chunk=args.chunk, mesh=args.mesh)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"qwen2vl-eval: {error}")
     if summary:

@@ -33,7 +33,7 @@ IMPLEMENTATIONS = ("xla", "xla_dense", "xla_blockwise", "cudnn", "pallas_tpu")
 # 13/49; 2B decoder (12/2 heads × 128, causal, B=2) L=256 13/43 vs 15/50, L=512 82/253 vs 38/139.
 BLOCKWISE_MIN_LENGTH = 512
 
-__all__ = ["BLOCKWISE_MIN_LENGTH", "DEFAULT_BLOCK_SIZE", "IMPLEMENTATIONS", "dot_product_attention",
+__all__ = ["BLOCKWISE_MIN_LENGTH", "DEFAULT_BLOCK_SIZE", "IMPLEMENTATIONS", "cached_attention", "dot_product_attention",
            "pallas_interpret", "visited_block_pairs"]
 
 
@@ -50,6 +50,33 @@ def dot_product_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, cau
     _check_inputs(q, k, v, segment_ids, kv_segment_ids)
     kernel = lambda q, k, v, seg, kv_seg: _local_attention(q, k, v, seg, kv_seg, causal, implementation)
     return per_device(kernel, q, k, v, segment_ids, kv_segment_ids)
+
+
+def cached_attention(q, cache, kv_valid, k_new, v_new):
+    """A decode step's attention over a KV cache plus the step's own keys, without writing them into the cache
+    first (the caller writes once, in place): one softmax over both sources.
+
+    q: [B, T, H, D] (the T new tokens); cache: (k, v) [B, Hkv, C, D] — heads ahead of slots, so neither product
+    transposes the cache; kv_valid: int[B, C] (1 = a cache slot the new tokens may see; their own slots are not read
+    from the cache); k_new, v_new: [B, T, Hkv, D], seen causally. → [B, T, H, D] in q.dtype, float32 softmax.
+    Plain einsums, which XLA partitions over a mesh's batch and head shardings as they are (no loop to hide)."""
+    k_cache, v_cache = cache
+    (B, T, H, D), hkv = q.shape, k_new.shape[2]
+    if k_cache.shape != v_cache.shape or k_cache.shape[:2] != (B, hkv) or k_new.shape != v_new.shape:
+        raise ValueError(f"cached_attention: cache {k_cache.shape} / {v_cache.shape} must be [B, Hkv, C, D] and new "
+                         f"keys {k_new.shape} / {v_new.shape} [B, T, Hkv, D] for q {q.shape}")
+    qh = q.reshape(B, T, hkv, H // hkv, D)
+    scale = float(D) ** -0.5
+    s_cache = jnp.einsum("bthgd,bhcd->bhgtc", qh, k_cache, preferred_element_type=jnp.float32) * scale
+    s_new = jnp.einsum("bthgd,bshd->bhgts", qh, k_new, preferred_element_type=jnp.float32) * scale
+    s_cache = jnp.where((kv_valid > 0)[:, None, None, None, :], s_cache, -jnp.inf)
+    s_new = jnp.where(jnp.tril(jnp.ones((T, T), bool)), s_new, -jnp.inf)  # a token always sees itself
+    m = jax.lax.stop_gradient(jnp.maximum(s_cache.max(-1, keepdims=True), s_new.max(-1, keepdims=True)))
+    p_cache, p_new = jnp.exp(s_cache - m), jnp.exp(s_new - m)
+    l = p_cache.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+    o = (jnp.einsum("bhgtc,bhcd->bhgtd", p_cache.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+         + jnp.einsum("bhgts,bshd->bhgtd", p_new.astype(v_new.dtype), v_new, preferred_element_type=jnp.float32))
+    return (o / l).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q.dtype)
 
 
 def _local_attention(q, k, v, segment_ids, kv_segment_ids, causal, implementation):

@@ -27,7 +27,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 
-def _mesh_axes(mesh, logical: str) -> tuple[str, ...]:
+def mesh_axes(mesh, logical: str) -> tuple[str, ...]:
     """Mesh axes (size > 1) the active rules give `logical`; () without rules."""
     spec = nn.logical_to_mesh_axes((logical,))
     axes = spec[0] if spec is not None and len(spec) else None
@@ -45,8 +45,8 @@ def per_device(kernel, q, k, v, segment_ids, kv_segment_ids):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return kernel(q, k, v, segment_ids, kv_segment_ids)
-    batch_axes = _mesh_axes(mesh, "batch")
-    head_axes = tuple(a for a in _mesh_axes(mesh, "heads") if a not in batch_axes)
+    batch_axes = mesh_axes(mesh, "batch")
+    head_axes = tuple(a for a in mesh_axes(mesh, "heads") if a not in batch_axes)
     (B, _, H, _), hkv = q.shape, k.shape[2]
     shards = math.prod(mesh.shape[a] for a in batch_axes)
     if B % shards:
@@ -75,3 +75,13 @@ def per_device(kernel, q, k, v, segment_ids, kv_segment_ids):
                 None if kv_segment_ids is None else seg_spec)
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)(
         q, k, v, segment_ids, kv_segment_ids)
+
+
+def active_batch_axes() -> tuple[tuple[str, ...], int]:
+    """(mesh axes the active rules give "batch", how many batch shards they make) on the current mesh; ((), 1)
+    without a mesh or rules."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return (), 1
+    axes = mesh_axes(mesh, "batch")
+    return axes, math.prod(mesh.shape[a] for a in axes)

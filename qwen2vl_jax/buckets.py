@@ -38,10 +38,22 @@ def rung(ladder: tuple[int, ...], need: int, what: str) -> int:
                      f"images, a shorter prompt or fewer new tokens) or pass larger Ladders")
 
 
-def shapes_for(ladders: Ladders, batch: int, length: int, vision_rows: int, max_new_tokens: int) -> Shapes:
-    """Bucketed shapes for `batch` prompts of at most `length` tokens holding `vision_rows` patch rows in all."""
+def batch_rung(ladders: Ladders, batch: int, multiple: int = 1) -> int:
+    """The batch rung for `batch` prompts: the smallest rung ≥ batch that `multiple` (the mesh's batch shards)
+    divides; ValueError when the ladder has none."""
+    rungs = tuple(size for size in ladders.batch if size % multiple == 0)
+    if not rungs:
+        raise ValueError(f"no batch bucket of {ladders.batch} is a multiple of the mesh's {multiple} batch shards; "
+                         f"pass Ladders(batch=...) with multiples of {multiple}, or a mesh with fewer batch shards")
+    return rung(rungs, batch, "batch size")
+
+
+def shapes_for(ladders: Ladders, batch: int, length: int, vision_rows: int, max_new_tokens: int,
+               batch_multiple: int = 1) -> Shapes:
+    """Bucketed shapes for `batch` prompts of at most `length` tokens holding `vision_rows` patch rows (in all, or
+    in the largest batch shard's packed ViT sequence); the batch rung is a multiple of `batch_multiple`."""
     padded_length = rung(ladders.length, length, "prompt length (tokens, image placeholders included)")
-    return Shapes(batch=rung(ladders.batch, batch, "batch size"), length=padded_length,
+    return Shapes(batch=batch_rung(ladders, batch, batch_multiple), length=padded_length,
                   cache=rung(ladders.cache, padded_length + max_new_tokens,
                              f"prompt bucket {padded_length} + max_new_tokens"),
                   vision_rows=rung(ladders.vision_rows, vision_rows, "vision patch rows") if vision_rows else 0)

@@ -55,6 +55,33 @@ class TextConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerationDefaults:
+    """A checkpoint's generation_config.json: what `model.generate` does in transformers when the caller says nothing.
+
+    Only what differs from the model config is kept, so a generation_config.json that repeats config.json's ids (as
+    transformers' save_pretrained writes it) reads as `GenerationDefaults()`:
+    eos_token_ids: every id that ends a row; () = the config's eos_token_id alone.
+    pad_token_id: the id after a row ends; None = the config's pad_token_id.
+    temperature, top_k, top_p, do_sample, repetition_penalty: None = not given (see `sampling`)."""
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    do_sample: bool | None = None
+    repetition_penalty: float | None = None
+
+    def sampling(self) -> tuple[float, int | None, float | None]:
+        """(temperature, top_k, top_p) as transformers 5 samples by default: greedy (0.0, None, None) unless
+        do_sample is true; then temperature (1.0 when not given), top_k (50 when not given, transformers' global
+        default) and top_p (None: the whole distribution). repetition_penalty is not part of it."""
+        if not self.do_sample:
+            return 0.0, None, None
+        return (1.0 if self.temperature is None else float(self.temperature),
+                50 if self.top_k is None else int(self.top_k), self.top_p)
+
+
 # none: keep every activation; full: keep only each layer's input and recompute the rest; dots: keep matmul
 # outputs; dots_no_batch: keep matmul outputs without batch dims (weights-stationary products).
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -78,6 +105,7 @@ class Qwen2VLConfig:
     scan_layers: bool = False
     attention: str = "xla"
     remat: str = "none"  # rematerialization of each layer's activations in the backward pass: see REMAT_POLICIES
+    generation: GenerationDefaults = GenerationDefaults()  # generation_config.json; not written by to_hf_dict
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -96,8 +124,18 @@ class Qwen2VLConfig:
     @staticmethod
     def from_hf(path_or_dict: str | os.PathLike | Mapping[str, Any]) -> "Qwen2VLConfig":
         """Reads a Hugging Face config.json (a folder, the file, or its dict), in the released flat layout
-        (text fields at top level, `vision_config`, `rope_scaling`) or the nested `text_config` layout."""
-        return _from_hf_dict(_read_json(path_or_dict))
+        (text fields at top level, `vision_config`, `rope_scaling`) or the nested `text_config` layout.
+
+        Token ids come from `text_config` or the top level; where both hold one, `text_config` wins (transformers
+        5 writes bos/eos/pad there). An eos list gives its first id as `eos_token_id` and the whole list as
+        `generation.eos_token_ids`. Given a path (local or gs://), the generation_config.json beside config.json,
+        when present, fills `generation`; a dict has none to read."""
+        if isinstance(path_or_dict, Mapping):
+            return _from_hf_dict(dict(path_or_dict))
+        path = _config_path(path_or_dict)
+        generation_path = path.parent / "generation_config.json"
+        generation = _read_json(generation_path) if generation_path.exists() else None
+        return _from_hf_dict(_read_json(path), generation, os.fspath(path), os.fspath(generation_path))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The nested transformers 5.x config dict for this configuration."""
@@ -126,9 +164,8 @@ class Qwen2VLConfig:
         )
 
 
-def _read_json(src) -> dict[str, Any]:
-    if isinstance(src, Mapping):
-        return dict(src)
+def _config_path(src: str | os.PathLike):
+    """A folder or its config.json (local or gs://) → the epath.Path of config.json."""
     from etils import epath  # local or gs://
 
     path = epath.Path(src)
@@ -136,7 +173,18 @@ def _read_json(src) -> dict[str, Any]:
         path = path / "config.json"
     if not path.exists():
         raise ValueError(f"no config.json at {os.fspath(path)!r}: pass a Hugging Face model folder or its config.json")
-    return json.loads(path.read_text())
+    return path
+
+
+def _read_json(path) -> dict[str, Any]:
+    """A JSON object from an epath.Path; ValueError naming the file when it is not one."""
+    try:
+        out = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{os.fspath(path)} is not valid JSON ({e}); fix or delete it") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{os.fspath(path)} holds a {type(out).__name__}, not a JSON object; fix or delete it")
+    return out
 
 
 def _pick(d: Mapping[str, Any], cls, renames: Mapping[str, str] = {}) -> dict[str, Any]:
@@ -149,7 +197,9 @@ def _pick(d: Mapping[str, Any], cls, renames: Mapping[str, str] = {}) -> dict[st
     return out
 
 
-def _from_hf_dict(d: dict[str, Any]) -> Qwen2VLConfig:
+def _from_hf_dict(d: dict[str, Any], generation: Mapping[str, Any] | None = None, config_file: str = "config.json",
+                  generation_file: str = "generation_config.json") -> Qwen2VLConfig:
+    """config.json's dict (and generation_config.json's, when there is one) → Qwen2VLConfig."""
     text_src = dict(d.get("text_config") or {})
     for key, value in d.items():  # the released flat layout keeps text fields at top level
         if key not in ("text_config", "vision_config"):
@@ -169,10 +219,61 @@ def _from_hf_dict(d: dict[str, Any]) -> Qwen2VLConfig:
             raise ValueError(f"config.json: head_dim {text_src['head_dim']} != hidden_size/num_attention_heads; "
                              "Qwen2 derives head_dim, so this checkpoint is not a Qwen2-VL one")
     vision = _pick(d.get("vision_config") or {}, VisionConfig, {"in_chans": "in_channels"})
-    top = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
-                             "bos_token_id", "eos_token_id", "pad_token_id") if isinstance(d.get(k), int)}
+    nested = d.get("text_config") or {}
+    ids, eos_list = {}, ()
+    for key in _TOKEN_KEYS:
+        value = nested.get(key) if nested.get(key) is not None else d.get(key)
+        if value is None:
+            continue
+        ids_given = _token_ids(value, key, config_file)
+        ids[key] = ids_given[0]
+        if key == "eos_token_id":
+            eos_list = ids_given
     vision.setdefault("hidden_size", text.get("hidden_size", TextConfig.hidden_size))
-    return Qwen2VLConfig(vision=VisionConfig(**vision), text=TextConfig(**text), **top)
+    config = Qwen2VLConfig(vision=VisionConfig(**vision), text=TextConfig(**text), **ids)
+    return config.replace(generation=_generation(config, eos_list, generation, generation_file))
+
+
+_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+               "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _token_ids(value: Any, key: str, where: str) -> tuple[int, ...]:
+    """An id or a non-empty list of ids → a tuple of ints; ValueError naming `where` and `key` otherwise."""
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise ValueError(f"{where}: {key} must be a token id or a non-empty list of them, got {value!r}; "
+                         "fix the file")
+    return tuple(values)
+
+
+def _generation(config: Qwen2VLConfig, eos_list: tuple[int, ...], src: Mapping[str, Any] | None,
+                where: str) -> GenerationDefaults:
+    """generation_config.json's dict (None: absent, then config.json's eos list alone) → GenerationDefaults, with
+    ids that repeat the config's own dropped (see GenerationDefaults)."""
+    src = dict(src or {})
+    kinds = {"temperature": (int, float), "top_p": (int, float), "repetition_penalty": (int, float),
+             "top_k": (int,), "do_sample": (bool,)}
+    out = {}
+    for key, types in kinds.items():
+        value = src.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ValueError(f"{where}: {key} must be {' or '.join(t.__name__ for t in types)}, got {value!r}; "
+                             "fix the file")
+        out[key] = float(value) if float in types else value
+    if src.get("eos_token_id") is not None:
+        eos_list = _token_ids(src["eos_token_id"], "eos_token_id", where)
+    if eos_list and eos_list != (config.eos_token_id,):
+        out["eos_token_ids"] = eos_list
+    if src.get("pad_token_id") is not None:
+        pad = _token_ids(src["pad_token_id"], "pad_token_id", where)
+        if len(pad) != 1:
+            raise ValueError(f"{where}: pad_token_id must be one token id, got {src['pad_token_id']!r}; fix the file")
+        if pad[0] != config.pad_token_id:
+            out["pad_token_id"] = pad[0]
+    return GenerationDefaults(**out)
 
 
 _VISION = VisionConfig()

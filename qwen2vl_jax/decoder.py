@@ -5,7 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen2vl_jax.attention import dot_product_attention
+from qwen2vl_jax.attention import cached_attention, dot_product_attention
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.layers import Linear, RMSNorm, layer_stack, param_with_axes, run_stack
 from qwen2vl_jax.rope import apply_rotary, mrope
@@ -20,9 +20,10 @@ class SelfAttention(nn.Module):
 
         Full pass (cache None): mask = segment_ids int32[B, L] (0 = padding), causal attention over the L tokens;
         returns (out [B, L, D], (k, v) [B, L, Hkv, hd]) — the keys/values a generation cache starts from.
-        Cached step: cache = (k, v) [B, C, Hkv, hd], mask = {"index": int32[] where the L new tokens go,
-        "kv_valid": int32[B, C] (1 = a key the new tokens may see, their own slots included)};
-        returns (out, the cache with the new keys/values written)."""
+        Cached step: cache = (k, v) [B, Hkv, C, hd] (read only), mask = {"index": int32[] where the L new tokens go,
+        "kv_valid": int32[B, C] (1 = a cached key the new tokens may see; their own slots 0)}; returns (out, the new
+        tokens' (k, v) [B, L, Hkv, hd]), which the caller writes into the cache at `index` (once for all layers, in
+        place, instead of each layer copying its slice of the cache)."""
         t, dt, pdt = self.config.text, self.config.dtype, self.config.param_dtype
         proj = lambda heads, axis, name: Linear((heads, t.head_dim), ("embed", axis, "head_dim"), dtype=dt,
                                                 param_dtype=pdt, name=name)(x)
@@ -33,10 +34,13 @@ class SelfAttention(nn.Module):
             out = dot_product_attention(q, k, v, segment_ids=mask, causal=True, implementation=self.config.attention)
             kv = (k, v)
         else:
-            at = (0, mask["index"], 0, 0)
-            kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), at) for c, new in zip(cache, (k, v)))
-            out = dot_product_attention(q, *kv, segment_ids=jnp.ones(q.shape[:2], jnp.int32),
-                                        kv_segment_ids=mask["kv_valid"], implementation="xla_dense")
+            k, v = k.astype(cache[0].dtype), v.astype(cache[1].dtype)
+            out = cached_attention(q, cache, mask["kv_valid"], k, v)
+            # make the new keys/values depend on the read of the cache (+ 0 · one output element): the caller's write
+            # then cannot run before the read, and XLA updates the cache in place instead of copying it every step
+            # (an optimization_barrier would say the same, but XLA:CPU drops barriers before it inserts copies)
+            after_read = 0 * out[:1, :1, :1, :1].astype(k.dtype)
+            kv = (k + after_read, v + after_read)
         out = Linear((t.hidden_size,), ("heads", "head_dim", "embed"), in_ndim=2, use_bias=False, dtype=dt,
                      param_dtype=pdt, name="o_proj")(out)
         return out, kv
@@ -93,7 +97,9 @@ class TextModel(nn.Module):
         # the table whole along embed (a parameter gather, as FSDP does for every weight), so the lookup's output
         # is born in the activations' sharding instead of being all-gathered across the tensor axis
         table = nn.with_logical_constraint(self.embed_tokens.astype(self.config.dtype), ("vocab", None))
-        return jnp.take(table, input_ids, axis=0)
+        # clip: an id outside the table (e.g. a pad id at a masked position) reads a real row, never NaN (jit's
+        # default fill); callers refuse out-of-range ids at positions that count (generation checks them)
+        return jnp.take(table, input_ids, axis=0, mode="clip")
 
     def __call__(self, inputs_embeds, position_ids, segment_ids):
         """inputs_embeds: [B, L, D]; position_ids: int[3, B, L]; segment_ids: int32[B, L] → logits float32[B, L, V]."""

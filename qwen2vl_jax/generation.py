@@ -1,31 +1,47 @@
-"""Batched generation from bucketed static shapes: vision encoder, prefill and a cached decode step, each compiled
-once per bucket (see buckets.py).
+"""Batched generation on device, from bucketed static shapes (see buckets.py).
 
     tokens = qwen2vl_jax.generate(config, params, batch, max_new_tokens=32)   # int32[B, 32]
 
-`batch` holds the processor's HF-named arrays (left padded). Per call, on the host: pad the batch to its bucket
-(extra rows are a single pad token), lay out M-RoPE positions and the packed ViT sequence (`prepare_inputs`), then
-  1. encode all images and frame-pairs in one packed sequence of `vision_rows` rows (one program per rung),
-  2. prefill: splice the features into the embeddings, run the decoder, sample the first token and return the
-     keys/values in a cache of `cache` slots (one program per batch × length × cache rung),
-  3. decode: one token per call with the cache (one program per batch × cache rung); each row's M-RoPE position is
-     its prompt's last position + 1 + step (the per-row rope delta), rows stop at an eos id and then emit
-     pad_token_id; the loop ends when every row has stopped.
-Sampling (greedy when temperature is 0, else temperature / top-k / top-p) runs inside those programs from one
-seeded key per step, so it costs no extra compile and a fixed seed reproduces the output."""
+`batch` holds the processor's HF-named arrays (left padded). Per call, on the host: check the ids, pad the batch to
+its bucket (extra rows are a single pad token) and lay out M-RoPE positions and the packed ViT, one sequence per
+batch shard (`prepare_inputs(..., vision_shards=S)`). Then two device programs:
+  1. prefill, one per batch × length × vision-rows × cache rung: the ViT, the splice of its features into the
+     token embeddings (a gather inside each batch shard: the features never leave the device), the decoder over the
+     prompt, the first token, and the keys/values in a cache of `cache` slots;
+  2. decode, one per batch × cache rung: a `lax.while_loop` over the new tokens — cached decoder step, repetition
+     penalty, sampling, eos checks and per-row done flags, the `kv_valid` update — ending when every row is done or
+     max_new_tokens are out. The cache is donated and each step writes its keys/values in place.
+The tokens come back in one device→host copy. Each row's M-RoPE position is its prompt's last position + 1 + step
+(the per-row rope delta); rows stop at an eos id and then emit pad_token_id. Sampling (greedy when temperature is 0,
+else temperature / top-k / top-p) runs inside the programs from one seeded key per step, so a fixed seed reproduces
+the output. Two programs rather than one keep the decode loop compiled per batch × cache rung only.
+
+Sharded models: inside `sharding.rules.generation_rules(mesh)` (`jax.set_mesh` + the inference rules) with params
+placed by those rules (`qwen2vl_jax.load(path, mesh=..., shardings=...)`), the batch is split over the mesh axes
+the rules give "batch" and both programs run as one SPMD program on every device: attention per device, weights
+tensor-parallel, no parameter gathers per step.
+
+Defaults come from the checkpoint's generation_config.json (`config.generation`): eos ids, and temperature / top-k /
+top-p / repetition penalty where the caller passes none."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
+import warnings
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from qwen2vl_jax.buckets import Ladders, PaddingStats, Shapes, shapes_for
+from qwen2vl_jax.attention_sharding import active_batch_axes
+from qwen2vl_jax.buckets import Ladders, PaddingStats, Shapes, batch_rung, rung, shapes_for
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.inputs import grid_array, prepare_inputs
-from qwen2vl_jax.model import Qwen2VL
+from qwen2vl_jax.inputs import gather_vision_pixels, grid_array, prepare_inputs
+from qwen2vl_jax.model import Qwen2VL, abstract_params
 
 STATS = PaddingStats()  # padding of every generate call in this process
 
@@ -47,105 +63,289 @@ def sample(logits, key, temperature, top_k, top_p):
     return jax.lax.cond(temperature > 0, filtered, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
-@functools.lru_cache(maxsize=16)
-def programs(config: Qwen2VLConfig):
-    """The three jitted programs for `config` (cached, so their compiled executables are reused across calls)."""
-    model = Qwen2VL(config, decoding=True)
+def penalize(logits, seen, penalty):
+    """Repetition penalty as transformers applies it: the logit of every token already in the row (prompt or
+    generated; seen bool[B, V]) is divided by `penalty` when positive, multiplied when negative. 1: unchanged."""
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
 
-    @jax.jit
-    def encode(params, pixels, pos_hw, segment_ids):
-        return model.apply({"params": params}, pixels, pos_hw, segment_ids, method=Qwen2VL.encode_vision)
+
+def _mark(seen, tokens, where=None):
+    """seen bool[B, V] with tokens int[B, T] (where bool[B, T]) marked."""
+    ids = tokens if where is None else jnp.where(where, tokens, seen.shape[1])  # out of range: dropped
+    return seen.at[jnp.arange(seen.shape[0])[:, None], ids].set(True, mode="drop")
+
+
+@functools.lru_cache(maxsize=16)
+def programs(config: Qwen2VLConfig, rules: tuple = (), mesh=None):
+    """(prefill, decode): the jitted programs for `config` traced under the logical-axis `rules` (and abstract
+    `mesh`) of the caller (cached, so their executables are reused across calls)."""
+    model = Qwen2VL(config, decoding=True)
+    apply = lambda params, *args, method: model.apply({"params": params}, *args, method=method)
 
     @functools.partial(jax.jit, static_argnames="cache_length")
-    def prefill(params, input_ids, attention_mask, position_ids, features, splice_index, sampling, key, *,
-                cache_length):
-        logits, kv = model.apply({"params": params}, input_ids, attention_mask, position_ids, features,
-                                 splice_index, method=Qwen2VL.prefill)
-        # keys/values [..., L, Hkv, hd] (stacked over layers, or one pair per layer) → cache_length slots
-        grow = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 3) + [(0, cache_length - a.shape[-3]), (0, 0), (0, 0)])
-        return sample(logits, key, *sampling), jax.tree_util.tree_map(grow, kv)
+    def prefill(params, inputs, controls, *, cache_length):
+        """inputs: input_ids, attention_mask [B, L], position_ids [3, B, L], splice_index [B, L] and, with vision,
+        vision_pixels [S, V, C·T·P·P], vision_pos_hw [S, V, 2], vision_segment_ids [S, V] → (first token int32[B],
+        cache (k, v) with cache_length slots, kv_valid int32[B, cache_length], seen bool[B, vocab])."""
+        with nn.logical_axis_rules(rules):
+            features = None
+            if "vision_pixels" in inputs:
+                features = apply(params, inputs["vision_pixels"].astype(config.dtype), inputs["vision_pos_hw"],
+                                 inputs["vision_segment_ids"], method=Qwen2VL.encode_vision)
+            ids, mask = inputs["input_ids"], inputs["attention_mask"]
+            logits, kv = apply(params, ids, mask, inputs["position_ids"], features, inputs["splice_index"],
+                               method=Qwen2VL.prefill)
+            cache = Qwen2VL.cache_from_prefill(kv, cache_length)
+            kv_valid = jnp.pad(mask, ((0, 0), (0, cache_length - mask.shape[1])))
+            seen = _mark(jnp.zeros((ids.shape[0], config.text.vocab_size), bool), ids, mask > 0)
+            key = jax.random.fold_in(jax.random.key(controls["seed"]), 0)
+            token = sample(penalize(logits, seen, controls["repetition_penalty"]), key, *_sampling(controls))
+            return token, cache, kv_valid, seen
 
     @functools.partial(jax.jit, donate_argnames="cache")
-    def decode(params, tokens, position_ids, cache, index, kv_valid, sampling, key):
-        logits, cache = model.apply({"params": params}, tokens[:, None], position_ids, cache, index, kv_valid,
-                                    method=Qwen2VL.decode_step)
-        return sample(logits[:, 0], key, *sampling), cache
+    def decode(params, cache, state, controls):
+        """state: token int32[B] (the first new token), done bool[B] (rows that emit only padding), kv_valid
+        int32[B, C], seen bool[B, V], start int32[] (the cache slot after the prompt), next_position int32[B] (each
+        row's first new M-RoPE position). → (tokens int32[B, C]: new token s at column start + s, steps run, the
+        final cache)."""
+        with nn.logical_axis_rules(rules):
+            B, start, pad = state["token"].shape[0], state["start"], jnp.int32(config.pad_token_id)
+            key, eos = jax.random.key(controls["seed"]), controls["eos"]
+            stops = lambda tokens: jnp.any(tokens[:, None] == eos[None, :], axis=-1)
+            write = lambda out, tokens, at: jax.lax.dynamic_update_slice(out, tokens[:, None], (0, at))
+            token, done = state["token"], state["done"]
+            out = write(jnp.full((B, state["kv_valid"].shape[1]), pad), jnp.where(done, pad, token), start)
+            done = done | stops(token)
 
-    return encode, prefill, decode
+            def step(carry):
+                s, token, done, cache, kv_valid, seen, out = carry
+                index = start + s - 1  # the cache slot of the token fed in (new token s - 1)
+                position = jnp.broadcast_to((state["next_position"] + s - 1)[None, :, None], (3, B, 1))
+                logits, cache = apply(params, token[:, None], position, cache, index, kv_valid,
+                                      method=Qwen2VL.decode_step)
+                kv_valid = jax.lax.dynamic_update_slice(kv_valid, jnp.ones((B, 1), kv_valid.dtype), (0, index))
+                logits = penalize(logits[:, 0], seen, controls["repetition_penalty"])
+                token = sample(logits, jax.random.fold_in(key, s), *_sampling(controls))
+                out = write(out, jnp.where(done, pad, token), start + s)
+                return s + 1, token, done | stops(token), cache, kv_valid, _mark(seen, token[:, None]), out
+
+            def more(carry):
+                s, _, done = carry[:3]
+                return (s < controls["max_new_tokens"]) & ~jnp.all(done)
+
+            carry = (jnp.int32(1), token, done, cache, state["kv_valid"], state["seen"], out)
+            carry = jax.lax.while_loop(more, step, carry)
+            return carry[-1], carry[0], carry[3]  # the cache too: it aliases the donated input (no second copy)
+
+    return prefill, decode
 
 
-def _padded_batch(config: Qwen2VLConfig, input_ids, attention_mask, shapes: Shapes):
-    """Left-pad to [shapes.batch, shapes.length]; extra rows hold one pad token (outputs discarded)."""
-    batch, length = input_ids.shape
-    ids = np.full((shapes.batch, shapes.length), config.pad_token_id, np.int32)
-    mask = np.zeros((shapes.batch, shapes.length), np.int32)
-    ids[:batch, shapes.length - length:] = input_ids
-    mask[:batch, shapes.length - length:] = attention_mask
-    mask[batch:, -1] = 1
+def _sampling(controls):
+    return controls["temperature"], controls["top_k"], controls["top_p"]
+
+
+class Timeline:
+    """Where generate calls spend their time: pass `timeline=Timeline()` and each call appends (phase, seconds) for
+    "prepare" (host: checks, padding, layouts, input transfers), "prefill" and "decode" (one device program each)
+    and "fetch" (the one device→host copy of the tokens), and its decode steps to `steps`. A timed phase waits for
+    its program to finish, which the next phase would do anyway, so the phases add up to the call."""
+
+    def __init__(self):
+        self.phases: list[tuple[str, float]] = []
+        self.steps: list[int] = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.phases.append((name, time.perf_counter() - start))
+
+    def wait(self, value):
+        jax.block_until_ready(value)
+
+    def seconds(self, name: str) -> float:
+        return sum(s for n, s in self.phases if n == name)
+
+    def calls(self, name: str) -> int:
+        return sum(n == name for n, _ in self.phases)
+
+
+class _Untimed(Timeline):
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        yield
+
+    def wait(self, value):
+        pass
+
+
+def _padded_batch(config: Qwen2VLConfig, input_ids, attention_mask, batch: int, length: int):
+    """Left-pad to [batch, length]; extra rows hold one pad token (outputs discarded)."""
+    rows, width = input_ids.shape
+    ids = np.full((batch, length), config.pad_token_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    ids[:rows, length - width:] = input_ids
+    mask[:rows, length - width:] = attention_mask
+    mask[rows:, -1] = 1
     return ids, mask
 
 
-def generate(config: Qwen2VLConfig, params, batch: dict, *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_token_ids: Sequence[int] | None = None, ladders: Ladders = Ladders()) -> np.ndarray:
-    """New tokens int32[B, max_new_tokens] for the processor's HF-named `batch` (input_ids, attention_mask,
-    pixel_values + image_grid_thw, pixel_values_videos + video_grid_thw); pad_token_id after a row's eos.
-    eos_token_ids default to the config's eos_token_id. Raises ValueError for a request that cannot run (its
-    message names the input); check requests one by one first when a batch mixes good and bad ones."""
+def check_ids(config: Qwen2VLConfig, input_ids, attention_mask) -> None:
+    """ValueError naming the row and position of a real (unmasked) token id outside the vocabulary; ids at masked
+    positions are never read, so any value there is fine."""
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask) > 0
+    bad = np.argwhere(mask & ((ids < 0) | (ids >= config.text.vocab_size)))
+    if len(bad):
+        row, position = (int(i) for i in bad[0])
+        raise ValueError(f"input_ids[{row}, {position}] = {int(ids[row, position])} is outside this checkpoint's "
+                         f"vocabulary (0 … {config.text.vocab_size - 1}), with {len(bad)} such id(s) in all: "
+                         "tokenize with the checkpoint's own tokenizer (Processor.from_pretrained on the same folder)")
+
+
+def _check_batch(config: Qwen2VLConfig, batch: dict, max_new_tokens: int):
+    """→ (input_ids, attention_mask) after the checks every generate call makes."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     input_ids = np.asarray(batch["input_ids"])
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be int[batch, length] with length ≥ 1; got shape {input_ids.shape}")
     attention_mask = np.asarray(batch.get("attention_mask", np.ones_like(input_ids)))
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} differs from input_ids {input_ids.shape}")
     if np.any(attention_mask[:, -1] == 0):
         raise ValueError("every prompt must end at the last position (left padding): attention_mask[:, -1] has 0s")
-    merge = config.vision.spatial_merge_size
-    images = grid_array(batch.get("image_grid_thw"), "image_grid_thw", merge)
-    videos = grid_array(batch.get("video_grid_thw"), "video_grid_thw", merge)
-    image_pixels, video_pixels = batch.get("pixel_values"), batch.get("pixel_values_videos")
-    pixels = [np.asarray(p, np.float32) for p in (image_pixels, video_pixels) if p is not None]
-    rows = sum(len(p) for p in pixels)
-    shapes = shapes_for(ladders, len(input_ids), input_ids.shape[1], rows, max_new_tokens)
-    ids, mask = _padded_batch(config, input_ids, attention_mask, shapes)
-    prepared = prepare_inputs(config, ids, mask, images if len(images) else None, videos if len(videos) else None,
-                              image_rows=None if image_pixels is None else len(image_pixels),
-                              video_rows=None if video_pixels is None else len(video_pixels),
-                              vision_pad_to=shapes.vision_rows or None)
-    encode, prefill, decode = programs(config)
-    dtype = jnp.dtype(config.dtype)
-    features = np.zeros((shapes.batch * shapes.length, config.text.hidden_size), dtype)
-    if rows:
-        padded_pixels = np.zeros((shapes.vision_rows, config.vision.patch_dim), np.float32)
-        padded_pixels[:rows] = np.concatenate(pixels)
-        merged = encode(params, padded_pixels.astype(dtype), prepared["vision_pos_hw"],
-                        prepared["vision_segment_ids"])
-        features[:rows // merge**2] = np.asarray(merged[:rows // merge**2])
-    sampling = (jnp.float32(temperature), jnp.int32(top_k or 0), jnp.float32(1.0 if top_p is None else top_p))
-    key = jax.random.key(seed)
-    token, cache = prefill(params, ids, mask, prepared["position_ids"], features, prepared["splice_index"],
-                           sampling, jax.random.fold_in(key, 0), cache_length=shapes.cache)
-    eos = np.asarray(list(eos_token_ids) if eos_token_ids is not None else [config.eos_token_id])
-    out = np.full((shapes.batch, max_new_tokens), config.pad_token_id, np.int32)
-    done = np.zeros(shapes.batch, bool)
-    done[len(input_ids):] = True
-    kv_valid = np.zeros((shapes.batch, shapes.cache), np.int32)
-    kv_valid[:, :shapes.length] = mask
-    next_position = prepared["position_ids"].max(axis=(0, 2)) + 1  # per row: last prompt position + 1
-    for step in range(max_new_tokens):
-        token = np.asarray(token)
-        out[~done, step] = token[~done]
-        done |= np.isin(token, eos)
-        if done.all() or step == max_new_tokens - 1:
-            break
-        index = shapes.length + step
-        kv_valid[:, index] = 1
-        position = np.broadcast_to((next_position + step)[None, :, None], (3, shapes.batch, 1)).astype(np.int32)
-        token, cache = decode(params, token, position, cache, jnp.int32(index), kv_valid, sampling,
-                              jax.random.fold_in(key, step + 1))
-    STATS.add(shapes, tokens=int(attention_mask.sum()), vision_rows=rows,
+    check_ids(config, input_ids, attention_mask)
+    return input_ids, attention_mask
+
+
+def _controls(config: Qwen2VLConfig, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+              eos_token_ids) -> dict:
+    """The traced scalars of a call (host numpy: no compile), defaults from config.generation."""
+    defaults = config.generation
+    if temperature is None and top_k is None and top_p is None:
+        temperature, top_k, top_p = defaults.sampling()
+    if repetition_penalty is None:
+        repetition_penalty = defaults.repetition_penalty or 1.0
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    if eos_token_ids is None:
+        eos_token_ids = defaults.eos_token_ids or (config.eos_token_id,)
+    eos = np.full(max(4, 1 << (len(eos_token_ids) - 1).bit_length()), -1, np.int32)  # few sizes: few compiles
+    eos[:len(eos_token_ids)] = list(eos_token_ids)
+    return dict(temperature=np.float32(temperature or 0.0), top_k=np.int32(top_k or 0),
+                top_p=np.float32(1.0 if top_p is None else top_p), repetition_penalty=np.float32(repetition_penalty),
+                seed=np.int32(seed), eos=eos, max_new_tokens=np.int32(max_new_tokens))
+
+
+def _on_device(params):
+    """Params as device arrays. Host (numpy) params are copied once per call, with a warning: load them with
+    qwen2vl_jax.load or place them once with jax.device_put, so no call copies the weights again."""
+    leaves = jax.tree_util.tree_leaves(params)
+    if all(isinstance(x, jax.Array) for x in leaves):
+        return params
+    warnings.warn("generate got host (numpy) params and copies them to the device on every call; place them once "
+                  "(jax.device_put(params), or qwen2vl_jax.load, which returns device arrays)", stacklevel=3)
+    return jax.device_put(params)
+
+
+def _place(arrays: dict, batch_axes: tuple[str, ...]) -> dict:
+    """Host arrays → device arrays split over the batch axes of the current mesh (the leading dim, or dim 1 of
+    position_ids); unchanged without a mesh (the jitted call copies them)."""
+    if not batch_axes:
+        return arrays
+    mesh, spec = jax.sharding.get_mesh(), batch_axes[0] if len(batch_axes) == 1 else batch_axes
+    def put(name, x):
+        dims = (None, spec) if name == "position_ids" else (spec,)
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*dims)))
+    return {name: put(name, x) for name, x in arrays.items()}
+
+
+def abstract_calls(config: Qwen2VLConfig, shapes: Shapes, shards: int = 1, eos_count: int = 1) -> dict:
+    """The arguments of both programs for `shapes` as jax.ShapeDtypeStruct trees (params excluded), for AOT
+    lowering without data: {"inputs", "controls", "state", "cache"} — prefill(params, inputs, controls,
+    cache_length=shapes.cache) and decode(params, cache, state, controls). `shards`: the vision batch shards."""
+    B, L, C, V = shapes.batch, shapes.length, shapes.cache, shapes.vision_rows
+    spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
+    inputs = dict(input_ids=spec((B, L)), attention_mask=spec((B, L)), position_ids=spec((3, B, L)),
+                  splice_index=spec((B, L)))
+    if V:
+        inputs |= dict(vision_pixels=spec((shards, V, config.vision.patch_dim), jnp.float32),
+                       vision_pos_hw=spec((shards, V, 2)), vision_segment_ids=spec((shards, V)))
+    controls = jax.tree_util.tree_map(lambda x: spec(x.shape, x.dtype),
+                                      _controls(config, 1, 0.0, None, None, None, 0, [0] * eos_count))
+    prefill, _ = programs(config)
+    _, cache, kv_valid, seen = jax.eval_shape(functools.partial(prefill, cache_length=C), _abstract_params(config),
+                                              inputs, controls)
+    state = dict(token=spec((B,)), done=spec((B,), jnp.bool_), kv_valid=kv_valid, seen=seen, start=spec(()),
+                 next_position=spec((B,)))
+    return dict(inputs=inputs, controls=controls, state=state, cache=cache)
+
+
+def _abstract_params(config: Qwen2VLConfig):
+    return nn.unbox(abstract_params(config))
+
+
+def generate(config: Qwen2VLConfig, params, batch: dict, *, max_new_tokens: int, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+             seed: int = 0, eos_token_ids: Sequence[int] | None = None, ladders: Ladders = Ladders(),
+             timeline: Timeline | None = None) -> np.ndarray:
+    """New tokens int32[B, max_new_tokens] for the processor's HF-named `batch` (input_ids, attention_mask,
+    pixel_values + image_grid_thw, pixel_values_videos + video_grid_thw); pad_token_id after a row's eos.
+
+    Sampling options left None take the checkpoint's generation_config.json (`config.generation`; greedy when it
+    has none); eos_token_ids None → its eos list, else config.eos_token_id; [] never stops early. Raises ValueError
+    for a request that cannot run (its message names the input); check requests one by one first when a batch
+    mixes good and bad ones (`generate_many` does). `timeline`: a Timeline that records where the call's time goes."""
+    timeline = timeline or _Untimed()
+    with timeline.phase("prepare"):
+        input_ids, attention_mask = _check_batch(config, batch, max_new_tokens)
+        params = _on_device(params)
+        merge = config.vision.spatial_merge_size
+        images = grid_array(batch.get("image_grid_thw"), "image_grid_thw", merge)
+        videos = grid_array(batch.get("video_grid_thw"), "video_grid_thw", merge)
+        image_pixels, video_pixels = batch.get("pixel_values"), batch.get("pixel_values_videos")
+        pixels = [np.asarray(p, np.float32) for p in (image_pixels, video_pixels) if p is not None]
+        batch_axes, shards = active_batch_axes()
+        length = rung(ladders.length, input_ids.shape[1], "prompt length (tokens, image placeholders included)")
+        ids, mask = _padded_batch(config, input_ids, attention_mask, batch_rung(ladders, len(input_ids), shards),
+                                  length)
+        prepared = prepare_inputs(config, ids, mask, images if len(images) else None,
+                                  videos if len(videos) else None,
+                                  image_rows=None if image_pixels is None else len(image_pixels),
+                                  video_rows=None if video_pixels is None else len(video_pixels),
+                                  vision_shards=shards)
+        rows = int((prepared["vision_rows"] >= 0).sum(1).max()) if pixels else 0  # the fullest shard's patches
+        shapes = shapes_for(ladders, len(input_ids), input_ids.shape[1], rows, max_new_tokens, shards)
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=prepared["position_ids"],
+                      splice_index=prepared["splice_index"])
+        if pixels:
+            widen = lambda x, value: np.pad(x, [(0, 0), (0, shapes.vision_rows - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
+                                            constant_values=value)
+            inputs |= dict(vision_pixels=gather_vision_pixels(np.concatenate(pixels),
+                                                              widen(prepared["vision_rows"], -1)),
+                           vision_pos_hw=widen(prepared["vision_pos_hw"], 0),
+                           vision_segment_ids=widen(prepared["vision_segment_ids"], 0))
+        inputs = _place(inputs, batch_axes)
+        controls = _controls(config, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                             eos_token_ids)
+        prefill, decode = programs(config, tuple(nn.get_logical_axis_rules()), jax.sharding.get_abstract_mesh())
+        done = np.arange(shapes.batch) >= len(input_ids)
+        next_position = (prepared["position_ids"].max(axis=(0, 2)) + 1).astype(np.int32)  # last prompt position + 1
+    with timeline.phase("prefill"):
+        token, cache, kv_valid, seen = prefill(params, inputs, controls, cache_length=shapes.cache)
+        timeline.wait(token)
+    with timeline.phase("decode"):
+        state = dict(token=token, kv_valid=kv_valid, seen=seen, start=np.int32(shapes.length),
+                     **_place(dict(done=done, next_position=next_position), batch_axes))
+        tokens, steps, _ = decode(params, cache, state, controls)
+        timeline.wait(tokens)
+    with timeline.phase("fetch"):
+        tokens, steps = jax.device_get((tokens, steps))
+    timeline.steps.append(int(steps))
+    STATS.add(shapes, tokens=int(attention_mask.sum()), vision_rows=sum(len(p) for p in pixels),
               cache_used=int(attention_mask.sum()) + len(input_ids) * max_new_tokens)
-    return out[:len(input_ids)]
+    return np.ascontiguousarray(tokens[:len(input_ids), shapes.length:shapes.length + max_new_tokens])
 
 
 def collate(requests: Sequence[dict], pad_token_id: int) -> dict:
@@ -173,6 +373,7 @@ def check_request(config: Qwen2VLConfig, request: dict, max_new_tokens: int, lad
     ids = np.asarray(request["input_ids"])
     if ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
         raise ValueError(f"a request is one prompt: input_ids int[1, length ≥ 1], got shape {ids.shape}")
+    check_ids(config, ids, request.get("attention_mask"))
     image_pixels, video_pixels = request.get("pixel_values"), request.get("pixel_values_videos")
     prepare_inputs(config, ids, request.get("attention_mask"), request.get("image_grid_thw"),
                    request.get("video_grid_thw"),

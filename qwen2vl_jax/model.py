@@ -106,19 +106,34 @@ class Qwen2VL(nn.Module):
     def prefill(self, input_ids, attention_mask, position_ids, features=None, splice_index=None):
         """Generation's first pass (needs `decoding=True`): as `decode`, but → (logits float32[B, V] at the last
         position, keys/values: (k, v) [layers, B, L, Hkv, hd] with scan_layers, else a list of per-layer
-        (k, v) [B, L, Hkv, hd]) — prompts are left padded, so the last position is real."""
+        (k, v) [B, L, Hkv, hd]) — prompts are left padded, so the last position is real. `decode_step`'s cache holds
+        them as [..., B, Hkv, C, hd] (`cache_from_prefill`)."""
         embeds = self.embed(input_ids, features, splice_index)
         x, kv = self.language_model.hidden(embeds, position_ids, jnp.asarray(attention_mask, jnp.int32))
         return self.language_model.head(x[:, -1:])[:, 0], kv
 
+    @staticmethod
+    def cache_from_prefill(kv, slots: int):
+        """`prefill`'s keys/values → the decode cache, zeros after L: (k, v) [layers, B, Hkv, slots, hd] with
+        scan_layers, else a list of per-layer (k, v) [B, Hkv, slots, hd] (separate buffers, each read where it lies:
+        slicing one stacked array per layer would copy it)."""
+        def grow(a):
+            a = jnp.swapaxes(a, -3, -2)
+            return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, slots - a.shape[-2]), (0, 0)])
+        return jax.tree_util.tree_map(grow, kv)
+
     def decode_step(self, input_ids, position_ids, cache, index, kv_valid):
         """One cached step (needs `decoding=True`). input_ids: int[B, T] new tokens; position_ids: int[3, B, T];
-        cache: as `prefill` returns it, with C slots; index: int32[] slot of the first new token; kv_valid: int32[B, C]
-        keys the new tokens may see. → (logits float32[B, T, V], updated cache)."""
+        cache: `cache_from_prefill`'s, C slots; index: int32[] slot of the first new token; kv_valid: int32[B, C]
+        cached keys the new tokens may see (0 at their own slots). → (logits float32[B, T, V], the cache with the new
+        keys/values written at index; donate it and the write happens in place)."""
         embeds = self.language_model.embed(input_ids)
         mask = {"index": index, "kv_valid": kv_valid}
-        x, cache = self.language_model.hidden(embeds, position_ids, mask, cache)
-        return self.language_model.head(x), cache
+        x, new = self.language_model.hidden(embeds, position_ids, mask, cache)
+        # new keys/values [..., B, T, Hkv, hd] → the cache's [..., B, Hkv, T, hd] at slot `index`
+        write = lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, jnp.swapaxes(n, -3, -2).astype(c.dtype), index,
+                                                                 axis=c.ndim - 2)
+        return self.language_model.head(x), jax.tree_util.tree_map(write, cache, new)
 
     def decode(self, input_ids, attention_mask, position_ids, features=None, splice_index=None):
         """input_ids, attention_mask: int[B, L]; position_ids: int[3, B, L] → logits float32[B, L, V]."""

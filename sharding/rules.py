@@ -7,6 +7,7 @@ tensor. A batch dim they do not divide is an error (`batch_shardings`): replicat
 every device."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -26,6 +27,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("layers", None),
 )
+
+# Generation (inference) variant: parameters are not split over fsdp ("embed" replicated), so a decode step never
+# gathers weights; tensor-parallel dims stay on `tensor` and the batch goes over data × fsdp.
+GENERATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = tuple(
+    (name, None if name == "embed" else axes) for name, axes in LOGICAL_AXIS_RULES)
 
 
 def spec_for(shape: tuple[int, ...], logical: PartitionSpec | tuple, mesh: Mesh,
@@ -71,6 +77,14 @@ def axis_rules(mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """Context in which the model's `nn.with_logical_constraint` calls shard activations on `mesh`; enter it with
     `jax.set_mesh(mesh)` around tracing."""
     return nn.logical_axis_rules(rules_for(mesh, rules))
+
+
+@contextlib.contextmanager
+def generation_rules(mesh: Mesh, rules=GENERATION_RULES):
+    """Context for `qwen2vl_jax.generate` on `mesh`: `jax.set_mesh` + the inference rules, so the batch is split
+    over the batch axes and attention runs per device. Place params with `param_shardings(config, mesh, rules)`."""
+    with jax.set_mesh(mesh), axis_rules(mesh, rules):
+        yield
 
 
 def opt_state_shardings(optimizer, params_shardings: dict, abstract_params: dict, mesh: Mesh):

@@ -77,7 +77,7 @@ def test_a_resumed_train_run_loads_its_train_step_from_the_cache(tmp_path):
         in open(log).read()
 
     # qwen2vl-generate on the exported params: the second call loads what the first compiled
-    args = [sys.executable, "-m", "qwen2vl_jax.generate_cli", "--checkpoint", str(workdir / "export"),
+    args = [sys.executable, "-m", "evaluation.generate_cli", "--checkpoint", str(workdir / "export"),
             "--prompt", "What colour is the shape?", "--max-new-tokens", "4",
             "--compile-cache", str(tmp_path / "generate_cache")]
     counts = []

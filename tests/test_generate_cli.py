@@ -9,7 +9,7 @@ import transformers
 from PIL import Image
 
 from qwen2vl_jax import Qwen2VLConfig
-from qwen2vl_jax.generate_cli import main
+from evaluation.generate_cli import main
 from qwen2vl_jax.processing import Processor
 from qwen2vl_jax.processing.fixtures import write_tiny_processor
 from reference import hf_config, mm_token_type_ids

@@ -1,5 +1,5 @@
 """`qwen2vl_jax.load`: params from a folder converted by `qwen2vl-convert` (Orbax) or straight from a Hugging Face
-folder, in memory or placed shard by shard onto a mesh."""
+folder, onto the default device or placed shard by shard onto a mesh."""
 from __future__ import annotations
 
 import json
@@ -52,13 +52,17 @@ def _check_against_config(tree: dict, config: Qwen2VLConfig, where: str) -> None
                          f"{unexpected[:6]}, wrong shape {wrong[:6]}; convert the checkpoint again")
 
 
-def load(path: str | os.PathLike, dtype=None, mesh=None, *, scan_layers: bool | None = None, shardings=None):
+def load(path: str | os.PathLike, dtype=None, mesh=None, *, scan_layers: bool | None = None, shardings=None,
+         rules=None):
     """→ (config, params) from a converted folder (Orbax) or a Hugging Face folder (config.json + safetensors or
     .bin), one block at a time.
 
     dtype: cast every parameter (e.g. "bfloat16"; config.dtype/param_dtype follow); None keeps the stored dtype.
     mesh: place every array straight into its sharding from `sharding.rules` (each device reads only its slice);
-      `shardings` (a tree like params) overrides the rules. Without either, params are numpy arrays.
+      `rules`: another table of the same kind (e.g. sharding.rules.GENERATION_RULES for inference); `shardings`
+      (a tree like params) overrides the rules. Without either, params are jax.Arrays committed to the
+      default device (`jax.local_devices()[0]`, or the one `jax.default_device` names), each read and copied over before
+      the next is read, so the host holds one array at a time beyond what is already placed.
     scan_layers: the layer layout to return (stacked for nn.scan or unrolled); None keeps the stored one
       (unrolled for Hugging Face folders)."""
     path = os.fspath(path)  # a local folder; a converted folder may also be gs://
@@ -75,13 +79,24 @@ def load(path: str | os.PathLike, dtype=None, mesh=None, *, scan_layers: bool | 
         config = config.replace(dtype=name, param_dtype=name)
         tree = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), tree)
     if mesh is None and shardings is None:
-        return config, jax.tree_util.tree_map(lazy.materialize, tree)
+        device = default_device()
+        return config, jax.tree_util.tree_map(lambda x: jax.device_put(lazy.materialize(x), device)
+                                              .block_until_ready(), tree)
     if shardings is None:
-        from sharding.rules import param_shardings  # the one rules table lives outside the model package
+        from sharding.rules import LOGICAL_AXIS_RULES, param_shardings  # the one rules table lives outside
 
-        shardings = param_shardings(config, mesh)
+        shardings = param_shardings(config, mesh, rules or LOGICAL_AXIS_RULES)
     return config, jax.tree_util.tree_map(
         lambda x, s: jax.make_array_from_callback(x.shape, s, x.__getitem__), tree, shardings)
+
+
+def default_device() -> jax.Device:
+    """The device jax places uncommitted arrays on: `jax.default_device`'s when set, else this process's first
+    (jax.local_devices()[0]; the same as jax.devices()[0] in one process)."""
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.local_devices()[0]
+    return jax.local_devices(backend=device)[0] if isinstance(device, str) else device
 
 
 def torch_state(tree: dict, config: Qwen2VLConfig) -> list[tuple[str, tuple[int, ...], np.dtype, Callable]]:

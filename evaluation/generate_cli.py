@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from evaluation.serving import DEFAULT_MESH, add_model_flags, open_model
+
 
 def load_video_frames(path: str) -> np.ndarray:
     """uint8[T, H, W, 3] from a folder of frames or a .npy file; ValueError naming the path otherwise."""
@@ -34,21 +36,23 @@ def load_video_frames(path: str) -> np.ndarray:
 
 
 def answer(checkpoint: str, prompt: str, image: str | None = None, video: str | None = None, *,
-           max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None,
-           top_p: float | None = None, seed: int = 0, dtype: str | None = None) -> str:
-    """The model's answer (special tokens removed)."""
+           max_new_tokens: int = 128, temperature: float | None = None, top_k: int | None = None,
+           top_p: float | None = None, seed: int = 0, dtype: str | None = None, mesh: str = DEFAULT_MESH) -> str:
+    """The model's answer (special tokens removed). Sampling options left None take the checkpoint's
+    generation_config.json (greedy when it has none)."""
     import qwen2vl_jax
     from qwen2vl_jax.processing import Processor
 
     processor = Processor.from_pretrained(checkpoint)
-    config, params = qwen2vl_jax.load(checkpoint, dtype=dtype)
+    model = open_model(checkpoint, mesh, dtype)
     content = ([{"type": "image"}] if image else []) + ([{"type": "video"}] if video else [])
     messages = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
     batch = processor(messages, images=[image] if image else None,
                       videos=[load_video_frames(video)] if video else None)
-    tokens = qwen2vl_jax.generate(config, params, batch, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed,
-                                  eos_token_ids=processor.tokenizer.eos_token_ids)
+    with model.context():
+        tokens = qwen2vl_jax.generate(model.config, model.params, batch, max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                      eos_token_ids=processor.tokenizer.eos_token_ids)
     return processor.decode(tokens[0])
 
 
@@ -59,11 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image", help="image file")
     parser.add_argument("--video", help="folder of frames or .npy uint8[T, H, W, 3]")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--temperature", type=float, help="0: greedy (default: the checkpoint's "
+                                                           "generation_config.json, else greedy)")
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", help="cast the weights, e.g. float32 (fastest on CPUs) or bfloat16")
+    add_model_flags(parser)
     from qwen2vl_jax.compiles import add_cache_flag, cache_from_flag
 
     add_cache_flag(parser)
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         with cache:
             text = answer(args.checkpoint, args.prompt, args.image, args.video, max_new_tokens=args.max_new_tokens,
                           temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          dtype=args.dtype)
+                          dtype=args.dtype, mesh=args.mesh)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"qwen2vl-generate: {error}")
     print(text)

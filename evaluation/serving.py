@@ -1,0 +1,47 @@
+"""A checkpoint opened for generation on this host's devices: the one place the CLIs (qwen2vl-generate, qwen2vl-eval)
+turn `--mesh` / `--dtype` into a mesh, params placed by the inference rules and the context generate runs in.
+
+    model = open_model("ckpt/", mesh="tensor=2,data=4", dtype="bfloat16")
+    with model.context():
+        tokens = qwen2vl_jax.generate(model.config, model.params, batch, max_new_tokens=32)
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+DEFAULT_MESH = "data=-1"  # every local device a batch shard
+
+
+@dataclasses.dataclass
+class Model:
+    config: object
+    params: dict
+    mesh: jax.sharding.Mesh
+
+    def context(self):
+        """Generation on `mesh`: jax.set_mesh + sharding.rules.GENERATION_RULES."""
+        from sharding.rules import generation_rules
+
+        return generation_rules(self.mesh)
+
+
+def add_model_flags(parser) -> None:
+    parser.add_argument("--mesh", default=DEFAULT_MESH,
+                        help="axis=size,... over this host's devices (data, fsdp, tensor; -1 fills), e.g. tensor=4 "
+                             f"or data=2,tensor=4; weights split over tensor, the batch over data (default {DEFAULT_MESH})")
+    parser.add_argument("--dtype", help="cast the weights and compute, e.g. bfloat16 (TPU) or float32 (fastest on "
+                                        "CPUs); default: as stored")
+
+
+def open_model(checkpoint: str, mesh: str = DEFAULT_MESH, dtype: str | None = None) -> Model:
+    """Params of `checkpoint` (converted or Hugging Face folder) read straight into their shards on a mesh of this
+    process's devices (each device reads only its slice)."""
+    import qwen2vl_jax
+    from sharding.mesh import make_mesh
+    from sharding.rules import GENERATION_RULES
+
+    device_mesh = make_mesh(mesh, devices=jax.local_devices())
+    config, params = qwen2vl_jax.load(checkpoint, dtype=dtype, mesh=device_mesh, rules=GENERATION_RULES)
+    return Model(config, params, device_mesh)
