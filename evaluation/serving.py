@@ -8,6 +8,7 @@ turn `--mesh` / `--dtype` into a mesh, params placed by the inference rules and 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 
@@ -37,11 +38,18 @@ def add_model_flags(parser) -> None:
 
 def open_model(checkpoint: str, mesh: str = DEFAULT_MESH, dtype: str | None = None) -> Model:
     """Params of `checkpoint` (converted or Hugging Face folder) read straight into their shards on a mesh of this
-    process's devices (each device reads only its slice)."""
+    process's devices (each device reads only its slice). A `mesh` with a -1 axis spans every local device; one
+    without takes the first devices its sizes multiply to."""
     import qwen2vl_jax
-    from sharding.mesh import make_mesh
+    from sharding.mesh import make_mesh, parse_axes
     from sharding.rules import GENERATION_RULES
 
-    device_mesh = make_mesh(mesh, devices=jax.local_devices())
+    axes, devices = parse_axes(mesh), jax.local_devices()
+    if -1 not in axes.values():  # a mesh without -1 takes the first devices it needs (data=1: one device)
+        wanted = math.prod(axes.values())
+        if wanted > len(devices):
+            raise ValueError(f"--mesh {mesh} needs {wanted} devices; this process has {len(devices)}")
+        devices = devices[:wanted]
+    device_mesh = make_mesh(mesh, devices=devices)
     config, params = qwen2vl_jax.load(checkpoint, dtype=dtype, mesh=device_mesh, rules=GENERATION_RULES)
     return Model(config, params, device_mesh)

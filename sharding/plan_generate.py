@@ -44,7 +44,7 @@ def _memory(compiled) -> dict:
 
 def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_tokens: int = 512,
                   patches_per_sample: int = 1024, dtype: str = "bfloat16", dcn: str | None = None, config=None,
-                  ladders=None, compile: bool = True) -> dict:
+                  ladders=None, compile: bool = True, devices=None) -> dict:
     """The generation plan as a dict of byte counts and timings (see the module docstring). Params and compute in
     `dtype`; `config` overrides the preset (e.g. fewer layers)."""
     import flax.linen as nn
@@ -61,7 +61,7 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
                                 param_shardings, spec_for)
 
     config = (config or Qwen2VLConfig.preset(preset)).replace(scan_layers=True, dtype=dtype, param_dtype=dtype)
-    device_mesh = make_mesh(mesh, dcn=dcn)
+    device_mesh = make_mesh(mesh, dcn=dcn, devices=devices)
     shards = batch_shard_count(device_mesh, GENERATION_RULES)
     if batch % shards or (batch * patches_per_sample) % shards:
         raise ValueError(f"batch {batch} (and its ViT rows) must split over the {shards} batch shards")

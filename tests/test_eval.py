@@ -86,6 +86,7 @@ def test_one_line_per_input_with_errors_for_the_bad_ones(uninterrupted):
     assert (summary["samples"], summary["scored"], summary["errors"]) == (SAMPLES, SAMPLES - 3, 3)
     assert summary["value"] == pytest.approx(np.mean([r["score"] for r in good]))
     assert summary["compiles"]["decode"] <= 2 and summary["compiles"]["prefill"] <= 4
+    assert set(summary["compiles"]) == {"prefill", "decode"}, summary["compiles"]  # every compile is counted
 
 
 def test_a_killed_run_finishes_with_the_uninterrupted_file(setup, uninterrupted, tmp_path):
@@ -122,8 +123,20 @@ def test_two_processes_give_the_predictions_of_one(setup, uninterrupted, tmp_pat
     assert summary(out) == summary(uninterrupted)
 
 
-def test_two_devices_of_one_process_give_the_same_predictions(setup, uninterrupted, tmp_path):
+def test_a_sharded_model_writes_the_predictions_of_one_device(setup, uninterrupted, tmp_path):
+    """One SPMD program over 8 devices, weights split over tensor=2 and each batch over data=4, against the whole
+    model on one device: the same predictions file, and only the two generation programs compiled (once per
+    shape), however many devices."""
     checkpoint, data = setup
-    out = tmp_path / "preds.jsonl"
-    finish(start(command(checkpoint, data, out), str(tmp_path / "log"), devices=2), str(tmp_path / "log"))
-    assert lines(out) == lines(uninterrupted)
+    summaries = []
+    for mesh in ("data=1", "tensor=2,data=4"):
+        out = tmp_path / f"{mesh.replace(',', '_')}.jsonl"
+        finish(start(command(checkpoint, data, out, "--mesh", mesh), str(out) + ".log", devices=8),
+               str(out) + ".log")
+        assert lines(out) == lines(uninterrupted), mesh
+        summaries.append(json.load(open(str(out)[:-len(".jsonl")] + ".summary.json")))
+    one, sharded = (s["compiles"] for s in summaries)
+    assert set(one) == set(sharded) == {"prefill", "decode"}, (one, sharded)
+    # one compile per program shape, not per device: on data=4 every batch (4 rows, or a last one padded to 4) has
+    # one shape; one device also compiles batch rung 1 for the last, single-sample batch
+    assert sharded == {"prefill": 1, "decode": 1} and one == {"prefill": 2, "decode": 2}, (one, sharded)

@@ -1,0 +1,112 @@
+"""Generation on device: every compile in the process counted over 20 random requests, one device→host copy per
+call (no per-token host sync), the decode loop updates the cache in place, sharded params give one device's
+tokens, and token ids outside the vocabulary are refused (real) or harmless (masked)."""
+import jax
+import numpy as np
+import pytest
+
+import qwen2vl_jax
+from qwen2vl_jax.buckets import Shapes
+from qwen2vl_jax.checkpoint.mapping import stack_layers
+from qwen2vl_jax.compiles import CompileCounter
+from qwen2vl_jax.generation import Timeline, abstract_calls, programs
+from qwen2vl_jax.processing import smart_resize
+from reference import reference
+from test_generate import NEW, REQUESTS, _batch, _request
+
+
+def _model(name="untied", seed=1):
+    cfg, _, params = reference(name, seed)
+    return cfg, jax.device_put(params)
+
+
+def test_twenty_random_requests_compile_at_most_ten_programs_in_the_process():
+    """One request at a time (images 28–1500 px, aspect up to 1:8) on default ladders: every backend compile in
+    the process is counted, and the second half of the requests compiles nothing."""
+    cfg, params = _model("tied", 0)
+    rng = np.random.default_rng(0)
+    requests = []
+    for i in range(20):
+        side, aspect = int(rng.integers(28, 1501)), rng.uniform(1, 8)
+        h, w = (side, max(28, int(side / aspect)))[:: 1 if rng.random() < 0.5 else -1]
+        h, w = smart_resize(h, w)
+        requests.append(_request(cfg, [int(rng.integers(1, 200)), ("image", (1, h // 14, w // 14)),
+                                       int(rng.integers(1, 60))], 200 + i))
+    after = []
+    with CompileCounter() as compiles:
+        for request in requests:
+            assert qwen2vl_jax.generate(cfg, params, request, max_new_tokens=4, eos_token_ids=[]).shape == (1, 4)
+            after.append(compiles.count())
+    print(f"\ncompiles after each request {after}: {dict(compiles.names)}")
+    assert after[-1] <= 4 + 4 + 2 and after[9] == after[-1], dict(compiles.names)
+    assert set(compiles.names) == {"prefill", "decode"}, dict(compiles.names)
+
+
+def test_one_copy_to_the_host_per_call_and_two_programs():
+    cfg, params = _model()
+    batch = _batch(cfg, [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)])
+    expected = qwen2vl_jax.generate(cfg, params, batch, max_new_tokens=NEW, eos_token_ids=[])
+    timeline = Timeline()
+    with jax.transfer_guard_device_to_host("disallow"):  # any implicit device→host copy (a per-step sync) raises
+        got = qwen2vl_jax.generate(cfg, params, batch, max_new_tokens=NEW, eos_token_ids=[], timeline=timeline)
+    np.testing.assert_array_equal(got, expected)
+    assert [name for name, _ in timeline.phases] == ["prepare", "prefill", "decode", "fetch"]
+    assert timeline.steps == [NEW]  # the loop ran max_new_tokens − 1 decoder steps after the prefill's token, + 1
+    early = Timeline()
+    stop = int(expected[0, 2])
+    qwen2vl_jax.generate(cfg, params, {k: v[:1] if k in ("input_ids", "attention_mask") else v
+                                       for k, v in _batch(cfg, [_request(cfg, REQUESTS[0], 0)]).items()},
+                         max_new_tokens=NEW, eos_token_ids=[stop], timeline=early)
+    assert early.steps[0] <= 3  # the loop ends on device when every row is done
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decode_updates_the_cache_in_place(scan):
+    """Compiled memory of the decode program: the donated cache is aliased to the output and no temporary holds a
+    copy of it (scan layout: XLA:CPU materializes one layer's slice at a time, 1/layers of the cache)."""
+    cfg, _, params = reference("untied", 1)
+    cfg = cfg.replace(scan_layers=scan)
+    params = stack_layers(params, cfg) if scan else params
+    shapes = Shapes(batch=4, length=256, cache=8192, vision_rows=0)
+    calls = abstract_calls(cfg, shapes)
+    _, decode = programs(cfg)
+    memory = decode.lower(params, calls["cache"], calls["state"], calls["controls"]).compile().memory_analysis()
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(calls["cache"]))
+    assert memory.alias_size_in_bytes == cache_bytes
+    limit = cache_bytes / cfg.text.num_hidden_layers + cache_bytes / 8 if scan else cache_bytes / 8
+    assert memory.temp_size_in_bytes < limit, (memory.temp_size_in_bytes, cache_bytes)
+
+
+def test_sharded_params_give_one_devices_tokens():
+    from sharding.mesh import make_mesh
+    from sharding.rules import GENERATION_RULES, generation_rules, param_shardings
+
+    cfg, params = _model()
+    batch = _batch(cfg, [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)])
+    expected = qwen2vl_jax.generate(cfg, params, batch, max_new_tokens=NEW, eos_token_ids=[])
+    mesh = make_mesh("tensor=4,data=2")
+    sharded = jax.device_put(params, param_shardings(cfg, mesh, GENERATION_RULES))
+    assert sharded["language_model"]["lm_head"]["kernel"].sharding.spec == jax.P(None, "tensor")
+    with CompileCounter() as compiles, generation_rules(mesh):
+        first = qwen2vl_jax.generate(cfg, sharded, batch, max_new_tokens=NEW, eos_token_ids=[])
+        again = qwen2vl_jax.generate(cfg, sharded, batch, max_new_tokens=NEW, eos_token_ids=[])
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(again, expected)
+    assert dict(compiles.names) == {"prefill": 1, "decode": 1}
+
+
+def test_ids_outside_the_vocabulary():
+    cfg, params = _model()
+    requests = [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS[:3])]
+    batch = _batch(cfg, requests)
+    expected = qwen2vl_jax.generate(cfg, params, batch, max_new_tokens=NEW, eos_token_ids=[])
+    junk = dict(batch, input_ids=batch["input_ids"].copy())
+    masked = batch["attention_mask"] == 0
+    junk["input_ids"][masked] = np.random.default_rng(0).choice([-5, cfg.text.vocab_size, 10**6, 7], masked.sum())
+    np.testing.assert_array_equal(qwen2vl_jax.generate(cfg, params, junk, max_new_tokens=NEW, eos_token_ids=[]),
+                                  expected)
+    bad = dict(batch, input_ids=batch["input_ids"].copy())
+    bad["input_ids"][1, -2] = cfg.text.vocab_size + 3
+    with pytest.raises(ValueError, match=rf"input_ids\[1, {bad['input_ids'].shape[1] - 2}\] = "
+                                         rf"{cfg.text.vocab_size + 3} is outside this checkpoint's vocabulary"):
+        qwen2vl_jax.generate(cfg, params, bad, max_new_tokens=NEW)
