@@ -109,7 +109,7 @@ def programs(config: Qwen2VLConfig, rules: tuple = (), mesh=None):
         row's first new M-RoPE position). → (tokens int32[B, C]: new token s at column start + s, steps run, the
         final cache)."""
         with nn.logical_axis_rules(rules):
-            B, start, pad = state["token"].shape[0], state["start"], jnp.int32(config.pad_token_id)
+            B, start, pad = state["token"].shape[0], state["start"], jnp.int32(pad_token_id(config))
             key, eos = jax.random.key(controls["seed"]), controls["eos"]
             stops = lambda tokens: jnp.any(tokens[:, None] == eos[None, :], axis=-1)
             write = lambda out, tokens, at: jax.lax.dynamic_update_slice(out, tokens[:, None], (0, at))
@@ -133,11 +133,17 @@ def programs(config: Qwen2VLConfig, rules: tuple = (), mesh=None):
                 s, _, done = carry[:3]
                 return (s < controls["max_new_tokens"]) & ~jnp.all(done)
 
-            carry = (jnp.int32(1), token, done, cache, state["kv_valid"], state["seen"], out)
+            carry = (jnp.int32(1), token, done, cache, state["kv_valid"], _mark(state["seen"], token[:, None]), out)
             carry = jax.lax.while_loop(more, step, carry)
             return carry[-1], carry[0], carry[3]  # the cache too: it aliases the donated input (no second copy)
 
     return prefill, decode
+
+
+def pad_token_id(config: Qwen2VLConfig) -> int:
+    """The id after a row's end: generation_config.json's pad_token_id, else config.json's."""
+    pad = config.generation.pad_token_id
+    return config.pad_token_id if pad is None else pad
 
 
 def _sampling(controls):

@@ -121,7 +121,8 @@ def shard_vision(config: Qwen2VLConfig, input_ids: np.ndarray, images: np.ndarra
     return dict(vision_pos_hw=np.stack([pad(pos, 0) for pos, _ in layouts]).astype(np.int32),
                 vision_segment_ids=np.stack([pad(seg, 0) for _, seg in layouts]).astype(np.int32),
                 vision_rows=np.stack([pad(r.astype(np.int32), -1) for r in pixel_rows]),
-                splice_index=np.where(index >= 0, local_feature[np.maximum(index, 0)], -1).astype(np.int32))
+                splice_index=np.where(index >= 0, local_feature[np.maximum(index, 0)] if feature_start else -1,
+                                      -1).astype(np.int32))
 
 
 def gather_vision_pixels(pixels: np.ndarray, vision_rows: np.ndarray) -> np.ndarray:

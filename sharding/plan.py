@@ -1,6 +1,9 @@
 """Will it fit? An ahead-of-time memory plan of the full train step on a pod, computed on this machine.
 
     python -m sharding.plan --preset 72b --mesh fsdp=64,tensor=4 --batch 256 --seq 4096 --remat full --hbm 95G
+    python -m sharding.plan --generate --preset 7b --mesh tensor=4 --batch 32 --seq 4096 --hbm v5e
+
+(`--generate`: the generation programs instead, sharding/plan_generate.py.)
 
 Lowers and compiles the whole train step — ViT + merger + decoder + masked cross-entropy + AdamW update, jitted with
 the shardings of `sharding/rules.py` — for abstract inputs (jax.ShapeDtypeStruct: nothing is allocated) on as many
@@ -308,6 +311,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--head-fraction", type=int, default=8, help="the LM head runs on L/N positions per row "
                                                                      "(loss_index); 0: on all of them")
     parser.add_argument("--json", help="also write the plan to this file")
+    parser.add_argument("--generate", action="store_true", help="plan generation instead (sharding/plan_generate.py"
+                                                                 "): prefill + decode, params and compute in --dtype")
+    parser.add_argument("--max-new-tokens", type=int, default=512, help="--generate: sizes the KV cache bucket")
+    parser.add_argument("--topology", help="--generate: compile with XLA:TPU for this slice (e.g. v5e:2x2, "
+                                           "v5p:2x2x2; needs libtpu, no TPU) instead of XLA:CPU")
     args = parser.parse_args(argv)
     from sharding.mesh import parse_axes
 
@@ -317,21 +325,30 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={devices}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    hbm = args.hbm or args.chip
+    hbm = None if not hbm else HBM.get(hbm, None) or _size(hbm)
+    if args.generate:
+        from sharding.plan_generate import run
+
+        result = run(args, hbm)
+        return _write_json(result, args.json)
     start = time.perf_counter()
     result = plan(args.preset, args.mesh, args.batch, args.seq, remat=args.remat,
                   patches_per_sample=args.patches_per_sample, dtype=args.dtype, param_dtype=args.param_dtype,
                   dcn=args.dcn, attention=args.attention, config=_config(args.preset, args.text_layers),
                   head_fraction=args.head_fraction, chip=args.chip)
     result["planner_seconds"] = time.perf_counter() - start
-    hbm = args.hbm or args.chip
-    hbm = None if not hbm else HBM.get(hbm, None) or _size(hbm)
     result["hbm"] = hbm
     print(_report(result, hbm))
     print(f"planner run time {result['planner_seconds']:.1f} s")
-    if args.json:
+    return _write_json(result, args.json)
+
+
+def _write_json(result: dict, path: str | None) -> dict:
+    if path:
         import json
 
-        with open(args.json, "w") as f:
+        with open(path, "w") as f:
             json.dump(result, f, indent=2)
     return result
 

@@ -1,23 +1,31 @@
 """Will generation fit? The AOT per-device memory of both generation programs, computed on this machine.
 
     python -m sharding.plan --generate --preset 7b --mesh tensor=4 --batch 32 --seq 4096 --hbm v5e
+    python -m sharding.plan --generate --preset 7b --mesh tensor=4 --batch 32 --seq 4096 --topology v5e:2x2
 
 Lowers and compiles `qwen2vl_jax.generation.programs` — prefill (ViT + splice + decoder over the prompt + first
 token + KV cache) and decode (the on-device `while_loop`, cache donated) — for abstract arguments
-(`generation.abstract_calls`: jax.ShapeDtypeStruct, nothing allocated) on as many fake CPU devices as the mesh has,
-inside `sharding.rules.generation_rules(mesh)`: params placed by GENERATION_RULES (tensor-parallel, not split over
-fsdp), the batch over the mesh axes the rules give "batch", attention per device. Decode's cache and state take the
-shardings the compiled prefill returns them with, as they do at run time.
+(`generation.abstract_calls`: jax.ShapeDtypeStruct, nothing allocated) inside `sharding.rules.generation_rules`:
+params placed by GENERATION_RULES (tensor-parallel, not split over fsdp), the batch over the mesh axes the rules give
+"batch", attention per device. Decode's cache and state take the shardings the compiled prefill returns them with,
+as at run time. Shapes are the ladder buckets (`qwen2vl_jax.buckets.shapes_for`) that `batch` prompts of `seq`
+tokens holding `patches_per_sample` ViT rows each, with `max_new_tokens`, run with.
 
-Shapes are the ladder buckets (`qwen2vl_jax.buckets.shapes_for`) a call of `batch` prompts of `seq` tokens holding
-`patches_per_sample` ViT rows each, with `max_new_tokens`, runs with. Per program: XLA's argument, output, alias and
-temporary bytes per device, and the peak = arguments + outputs − aliased + temporaries; beside them the analytic
-numbers a reader can check: params per device (from their shardings; ideal = params · itemsize / tensor) and the KV
-cache per device = 2 · layers · B · Hkv · C · hd · itemsize / (batch shards · tensor shards of Hkv). XLA:CPU's
-buffer assignment differs from XLA:TPU's, so temporaries estimate the same program rather than measure a TPU."""
+Two compilers: by default XLA:CPU on as many fake CPU devices as the mesh has. XLA:CPU has no bfloat16 matmul, so
+it keeps float32 copies of bf16 weights and of the KV cache among its temporaries: a bf16 plan's CPU temporaries
+overstate the TPU's (2× for 7B prefill, ~800× for decode). `--topology v5e:2x2` (any name
+`jax.experimental.topologies` knows: v5e:2x4, v5p:2x2x2, …) compiles with XLA:TPU instead, from libtpu
+(`pip install libtpu`, the version jax[tpu] pins), on a machine without a TPU: TPU buffer assignment, TPU numbers.
+
+Per program: XLA's argument, output, alias and temporary bytes per device and its peak = arguments + outputs −
+aliased + temporaries; "resident" adds what stays on the device meanwhile that the program does not read (decode:
+the ViT's params, and the prefill inputs generate() still holds). Beside them the analytic numbers a reader can check:
+params per device (from their shardings; ideal = params · itemsize / tensor) and the KV cache per device =
+2 · layers · B · Hkv · C · hd · itemsize / (batch shards · tensor shards of Hkv)."""
 from __future__ import annotations
 
 import math
+import os
 import time
 
 
@@ -33,20 +41,32 @@ def analytic_cache_bytes(config, batch: int, cache: int, mesh_shape: dict, batch
     return {"total": total, "per_device": total / (batch_shards * heads_split), "heads_split": heads_split}
 
 
+def tpu_devices(topology: str):
+    """The devices of a TPU slice `topology` (e.g. "v5e:2x2") for compiling only: libtpu, no TPU needed."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask on a CPU machine
+    from jax.experimental import topologies
+
+    try:
+        return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    except Exception as error:  # no libtpu, or a name it does not know
+        raise RuntimeError(f"--topology {topology}: XLA:TPU is unavailable here ({error}); install libtpu "
+                           "(`pip install libtpu`, the version jax[tpu] pins) — it compiles without a TPU") from error
+
+
 def _memory(compiled) -> dict:
     m = compiled.memory_analysis()
     out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes,
-           "code": m.generated_code_size_in_bytes}
+           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
     out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
     return out
 
 
 def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_tokens: int = 512,
                   patches_per_sample: int = 1024, dtype: str = "bfloat16", dcn: str | None = None, config=None,
-                  ladders=None, compile: bool = True, devices=None) -> dict:
+                  attention: str | None = None, ladders=None, topology: str | None = None,
+                  compile: bool = True) -> dict:
     """The generation plan as a dict of byte counts and timings (see the module docstring). Params and compute in
-    `dtype`; `config` overrides the preset (e.g. fewer layers)."""
+    `dtype`; `config` overrides the preset (e.g. fewer layers); `topology` compiles for that TPU slice."""
     import flax.linen as nn
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
@@ -61,11 +81,10 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
                                 param_shardings, spec_for)
 
     config = (config or Qwen2VLConfig.preset(preset)).replace(scan_layers=True, dtype=dtype, param_dtype=dtype)
-    device_mesh = make_mesh(mesh, dcn=dcn, devices=devices)
+    config = config.replace(attention=attention) if attention else config
+    device_mesh = make_mesh(mesh, dcn=dcn, devices=tpu_devices(topology) if topology else None)
     shards = batch_shard_count(device_mesh, GENERATION_RULES)
-    if batch % shards or (batch * patches_per_sample) % shards:
-        raise ValueError(f"batch {batch} (and its ViT rows) must split over the {shards} batch shards")
-    shapes = shapes_for(ladders or Ladders(), batch, seq, batch * patches_per_sample // shards, max_new_tokens,
+    shapes = shapes_for(ladders or Ladders(), batch, seq, -(-batch * patches_per_sample // shards), max_new_tokens,
                         shards)
     calls = abstract_calls(config, shapes, shards)
     place = lambda tree, shardings: jax.tree_util.tree_map(
@@ -77,18 +96,18 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
     controls = replicated(calls["controls"])
     t = config.text
     param_count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
-    cache = analytic_cache_bytes(config, shapes.batch, shapes.cache, dict(device_mesh.shape), shards)
-    out = {"preset": preset, "mesh": dict(device_mesh.shape), "devices": device_mesh.size, "batch": batch,
-           "seq": seq, "max_new_tokens": max_new_tokens, "patches_per_sample": patches_per_sample, "dtype": dtype,
+    out = {"preset": preset, "mesh": dict(device_mesh.shape), "devices": device_mesh.size,
+           "compiler": f"XLA:TPU {topology}" if topology else "XLA:CPU", "batch": batch, "seq": seq,
+           "max_new_tokens": max_new_tokens, "patches_per_sample": patches_per_sample, "dtype": dtype,
+           "attention": config.attention, "batch_shards": shards, "layers": t.num_hidden_layers,
+           "kv_heads": t.num_key_value_heads, "head_dim": t.head_dim,
            "shapes": {"batch": shapes.batch, "length": shapes.length, "cache": shapes.cache,
                       "vision_rows_per_shard": shapes.vision_rows},
-           "batch_shards": shards, "layers": t.num_hidden_layers, "kv_heads": t.num_key_value_heads,
-           "head_dim": t.head_dim, "param_count": param_count, "analytic_param_count": analytic_param_count(config)}
+           "param_count": param_count, "analytic_param_count": analytic_param_count(config)}
     out["params_bytes"], out["params_per_device"] = _bytes(params)
     out["analytic_params_per_device"] = param_count * _itemsize(dtype) / device_mesh.shape.get("tensor", 1)
-    out["inputs_per_device"] = _bytes(inputs)[1]
-    out["controls_bytes"] = _bytes(controls)[1]
-    out["analytic_cache"] = cache
+    out["inputs_per_device"], out["controls_bytes"] = _bytes(inputs)[1], _bytes(controls)[1]
+    out["analytic_cache"] = analytic_cache_bytes(config, shapes.batch, shapes.cache, dict(device_mesh.shape), shards)
     if not compile:
         return out
     with generation_rules(device_mesh):
@@ -98,28 +117,26 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
         out["prefill_seconds"] = time.perf_counter() - start
         # decode's arguments, sharded as the compiled prefill returns them (token, cache, kv_valid, seen)
         token_s, cache_s, kv_valid_s, seen_s = compiled_prefill.output_shardings
-        batch_spec = spec_for((shapes.batch,), ("batch",), device_mesh, GENERATION_RULES)
-        by_batch = NamedSharding(device_mesh, batch_spec)
-        state = calls["state"]
-        state = dict(token=place(state["token"], token_s), done=place(state["done"], by_batch),
-                     kv_valid=place(state["kv_valid"], kv_valid_s), seen=place(state["seen"], seen_s),
-                     start=replicated(state["start"]), next_position=place(state["next_position"], by_batch))
-        kv = place(calls["cache"], cache_s)
+        by_batch = NamedSharding(device_mesh, spec_for((shapes.batch,), ("batch",), device_mesh, GENERATION_RULES))
+        s = calls["state"]
+        state = dict(token=place(s["token"], token_s), done=place(s["done"], by_batch),
+                     kv_valid=place(s["kv_valid"], kv_valid_s), seen=place(s["seen"], seen_s),
+                     start=replicated(s["start"]), next_position=place(s["next_position"], by_batch))
+        cache = place(calls["cache"], cache_s)
         start = time.perf_counter()
-        compiled_decode = decode.lower(params, kv, state, controls).compile()
+        compiled_decode = decode.lower(params, cache, state, controls).compile()
         out["decode_seconds"] = time.perf_counter() - start
-    out["cache_per_device"] = _bytes(kv)[1]
-    out["state_per_device"] = _bytes(state)[1]
-    out["cache_specs"] = [str(s.spec) for s in jax.tree_util.tree_leaves(cache_s)]
+    out["cache_per_device"], out["state_per_device"] = _bytes(cache)[1], _bytes(state)[1]
+    out["cache_specs"] = sorted({str(x.spec) for x in jax.tree_util.tree_leaves(cache_s)})
     out["prefill"], out["decode"] = _memory(compiled_prefill), _memory(compiled_decode)
-    # resident while each program runs: all params (XLA counts only those the program reads: decode skips the
-    # ViT's), its other arguments, outputs and temporaries; during decode generate() still holds the prefill inputs
-    resident = {"prefill": out["params_per_device"] + out["inputs_per_device"] + out["controls_bytes"],
-                "decode": out["params_per_device"] + out["cache_per_device"] + out["state_per_device"]
-                + out["controls_bytes"] + out["inputs_per_device"]}
-    for name, held in resident.items():
+    # resident while each program runs: all params (XLA counts those the program reads: decode skips the ViT's),
+    # its other arguments, outputs and temporaries; during decode generate() still holds the prefill inputs
+    held = {"prefill": out["params_per_device"] + out["inputs_per_device"] + out["controls_bytes"],
+            "decode": out["params_per_device"] + out["cache_per_device"] + out["state_per_device"]
+            + out["controls_bytes"] + out["inputs_per_device"]}
+    for name, resident in held.items():
         m = out[name]
-        m["resident_peak"] = held + m["outputs"] - m["aliased"] + m["temporaries"]
+        m["resident_peak"] = resident + m["outputs"] - m["aliased"] + m["temporaries"]
     out["peak_per_device"] = max(out["prefill"]["resident_peak"], out["decode"]["resident_peak"])
     out["params_cache_max_temp"] = (out["params_per_device"] + out["cache_per_device"]
                                     + max(out["prefill"]["temporaries"], out["decode"]["temporaries"]))
@@ -129,35 +146,54 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
 def report(result: dict, hbm: float | None) -> str:
     gb = lambda x: f"{x / 1e9:9.3f} GB"
     s, a = result["shapes"], result["analytic_cache"]
-    lines = [f"generation plan: {result['preset']} ({result['layers']} layers, {result['kv_heads']} KV heads × "
-             f"{result['head_dim']}), {result['param_count'] / 1e9:.3f} B params in {result['dtype']}, mesh "
-             f"{result['mesh']} = {result['devices']} devices ({result['batch_shards']} batch shards)",
+    lines = [f"generation plan ({result['compiler']}): {result['preset']} ({result['layers']} layers, "
+             f"{result['kv_heads']} KV heads × {result['head_dim']}), {result['param_count'] / 1e9:.3f} B params in "
+             f"{result['dtype']}, attention {result['attention']}, mesh {result['mesh']} = {result['devices']} "
+             f"devices ({result['batch_shards']} batch shards)",
              f"request: batch {result['batch']} × seq {result['seq']} + {result['patches_per_sample']} patches/sample, "
              f"max_new_tokens {result['max_new_tokens']} → buckets batch {s['batch']}, length {s['length']}, cache "
              f"{s['cache']} slots, {s['vision_rows_per_shard']} ViT rows per shard",
-             f"{'per device':<34}{'plan':>12}{'analytic':>13}",
-             f"{'parameters':<34}{gb(result['params_per_device'])}{gb(result['analytic_params_per_device'])}"
-             f"  (ideal: all / tensor)"]
-    cache = result.get("cache_per_device", a["per_device"])
-    lines.append(f"{'KV cache':<34}{gb(cache)}{gb(a['per_device'])}  (2·{result['layers']}·{s['batch']}·"
-                 f"{result['kv_heads']}·{s['cache']}·{result['head_dim']}·itemsize / "
-                 f"{result['batch_shards']}·{a['heads_split']}; specs {result.get('cache_specs', '?')})")
-    lines.append(f"{'prefill inputs':<34}{gb(result['inputs_per_device'])}")
+             f"{'per device':<16}{'plan':>12}{'analytic':>13}",
+             f"{'parameters':<16}{gb(result['params_per_device'])}{gb(result['analytic_params_per_device'])}"
+             f"  (analytic: all params / tensor; norms, biases and undivided dims are replicated)",
+             f"{'KV cache':<16}{gb(result.get('cache_per_device', a['per_device']))}{gb(a['per_device'])}  "
+             f"(2·{result['layers']}·{s['batch']}·{result['kv_heads']}·{s['cache']}·{result['head_dim']}·itemsize / "
+             f"({result['batch_shards']}·{a['heads_split']}); specs {', '.join(result.get('cache_specs', ['?']))})",
+             f"{'prefill inputs':<16}{gb(result['inputs_per_device'])}"]
     if "prefill" in result:
-        lines.append(f"{'XLA memory':<14}{'arguments':>12}{'outputs':>12}{'aliased':>12}{'temporaries':>13}"
+        lines.append(f"{'XLA memory':<16}{'arguments':>12}{'outputs':>12}{'aliased':>12}{'temporaries':>12}"
                      f"{'XLA peak':>12}{'resident':>12}{'compile':>9}")
         for name in ("prefill", "decode"):
             m = result[name]
-            lines.append(f"{name:<14}" + "".join(f"{m[k] / 1e9:>9.3f} GB" for k in ("arguments", "outputs", "aliased"))
-                         + f"{m['temporaries'] / 1e9:>10.3f} GB{m['peak'] / 1e9:>9.3f} GB"
-                         f"{m['resident_peak'] / 1e9:>9.3f} GB{result[name + '_seconds']:>8.1f} s")
-        lines += ["XLA peak = arguments + outputs − aliased + temporaries (the arguments the program reads: decode "
-                  "skips the ViT's params); resident = the same with all params, and for decode the prefill inputs "
+            lines.append(f"{name:<16}" + "".join(gb(m[k]) for k in ("arguments", "outputs", "aliased", "temporaries",
+                                                                     "peak", "resident_peak"))
+                         + f"{result[name + '_seconds']:>7.1f} s")
+        lines += ["  XLA peak = arguments + outputs − aliased + temporaries (only the arguments a program reads: "
+                  "decode skips the ViT's params); resident = that + all params + (decode) the prefill inputs "
                   "generate() still holds",
                   f"peak per device: {result['peak_per_device'] / 1e9:.3f} GB (params + cache + max(temp) = "
                   f"{result['params_cache_max_temp'] / 1e9:.3f} GB)"]
+        if result["compiler"] == "XLA:CPU" and result["dtype"] == "bfloat16":
+            lines.append("  XLA:CPU keeps float32 copies of bf16 weights and cache in its temporaries (no bf16 "
+                         "matmul): an upper bound; --topology (libtpu) gives XLA:TPU's numbers")
         if hbm:
             verdict = "fits" if result["peak_per_device"] <= hbm else "does NOT fit"
             lines.append(f"HBM {hbm / 1e9:.0f} GB per device: {verdict} "
                          f"({100 * result['peak_per_device'] / hbm:.0f} % used)")
     return "\n".join(lines)
+
+
+def run(args, hbm: float | None) -> dict:
+    """`python -m sharding.plan --generate ...` (plan.main's parsed args)."""
+    from sharding.plan import _config
+
+    start = time.perf_counter()
+    result = plan_generate(args.preset, args.mesh, args.batch, args.seq, max_new_tokens=args.max_new_tokens,
+                           patches_per_sample=args.patches_per_sample, dtype=args.dtype, dcn=args.dcn,
+                           config=_config(args.preset, args.text_layers), attention=args.attention,
+                           topology=args.topology)
+    result["planner_seconds"] = time.perf_counter() - start
+    result["hbm"] = hbm
+    print(report(result, hbm))
+    print(f"planner run time {result['planner_seconds']:.1f} s")
+    return result

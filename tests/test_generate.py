@@ -179,3 +179,27 @@ def test_generate_with_params_loaded_onto_a_mesh(tmp_path):
     assert len(sharded["language_model"]["embed_tokens"].sharding.device_set) == 8
     np.testing.assert_array_equal(qwen2vl_jax.generate(config, sharded, batch, max_new_tokens=NEW,
                                                        eos_token_ids=[]), expected)
+
+
+def test_repetition_penalty_and_the_checkpoints_defaults_match_transformers():
+    """repetition_penalty as transformers applies it (greedy, prompt and generated tokens); generation_config.json's
+    values (config.generation) are what generate does when the caller passes nothing."""
+    from qwen2vl_jax.config import GenerationDefaults
+
+    cfg, model, params = reference("untied", 1)
+    request = _request(cfg, REQUESTS[1], 1)
+    kwargs = {k: torch.from_numpy(np.asarray(v)) for k, v in request.items()}
+    kwargs["mm_token_type_ids"] = torch.from_numpy(mm_token_type_ids(cfg, request["input_ids"]))
+    with torch.no_grad():
+        want = model.generate(**kwargs, max_new_tokens=NEW, do_sample=False, repetition_penalty=1.5,
+                              eos_token_id=None, pad_token_id=cfg.pad_token_id)[0, request["input_ids"].shape[1]:]
+    got = qwen2vl_jax.generate(cfg, params, request, max_new_tokens=NEW, repetition_penalty=1.5, eos_token_ids=[])
+    np.testing.assert_array_equal(got[0], want.numpy())
+    assert not np.array_equal(got, qwen2vl_jax.generate(cfg, params, request, max_new_tokens=NEW, eos_token_ids=[]))
+    stop = int(got[0, 4])
+    end = int(np.flatnonzero(got[0] == stop)[0]) + 1
+    checkpoint = cfg.replace(generation=GenerationDefaults(eos_token_ids=(12345, stop), repetition_penalty=1.5,
+                                                           pad_token_id=7))
+    defaults = qwen2vl_jax.generate(checkpoint, params, request, max_new_tokens=NEW)
+    np.testing.assert_array_equal(defaults[0, :end], got[0, :end])
+    assert (defaults[0, end:] == 7).all()

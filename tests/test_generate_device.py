@@ -110,3 +110,15 @@ def test_ids_outside_the_vocabulary():
     with pytest.raises(ValueError, match=rf"input_ids\[1, {bad['input_ids'].shape[1] - 2}\] = "
                                          rf"{cfg.text.vocab_size + 3} is outside this checkpoint's vocabulary"):
         qwen2vl_jax.generate(cfg, params, bad, max_new_tokens=NEW)
+
+
+def test_a_text_only_prompt_equals_transformers():
+    import torch
+
+    cfg, model, params = reference("untied", 1)
+    ids = np.random.default_rng(5).integers(0, 490, (1, 12))
+    with torch.no_grad():
+        want = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(1, 12, dtype=torch.long),
+                              max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=cfg.pad_token_id)
+    got = qwen2vl_jax.generate(cfg, jax.device_put(params), {"input_ids": ids}, max_new_tokens=NEW, eos_token_ids=[])
+    np.testing.assert_array_equal(got[0], want[0, 12:].numpy())
