@@ -289,7 +289,9 @@ def abstract_calls(config: Qwen2VLConfig, shapes: Shapes, shards: int = 1, eos_c
 
 
 def _abstract_params(config: Qwen2VLConfig):
-    return nn.unbox(abstract_params(config))
+    """The params' ShapeDtypeStructs (the boxes' values: nn.unbox would constrain them under active rules)."""
+    return jax.tree_util.tree_map(lambda box: box.value, abstract_params(config),
+                                  is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def generate(config: Qwen2VLConfig, params, batch: dict, *, max_new_tokens: int, temperature: float | None = None,

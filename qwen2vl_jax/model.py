@@ -119,7 +119,7 @@ class Qwen2VL(nn.Module):
         slicing one stacked array per layer would copy it)."""
         def grow(a):
             a = jnp.swapaxes(a, -3, -2)
-            return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, slots - a.shape[-2]), (0, 0)])
+            return _cache_sharding(jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, slots - a.shape[-2]), (0, 0)]))
         return jax.tree_util.tree_map(grow, kv)
 
     def decode_step(self, input_ids, position_ids, cache, index, kv_valid):
@@ -131,14 +131,20 @@ class Qwen2VL(nn.Module):
         mask = {"index": index, "kv_valid": kv_valid}
         x, new = self.language_model.hidden(embeds, position_ids, mask, cache)
         # new keys/values [..., B, T, Hkv, hd] → the cache's [..., B, Hkv, T, hd] at slot `index`
-        write = lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, jnp.swapaxes(n, -3, -2).astype(c.dtype), index,
-                                                                 axis=c.ndim - 2)
+        write = lambda c, n: _cache_sharding(jax.lax.dynamic_update_slice_in_dim(
+            c, jnp.swapaxes(n, -3, -2).astype(c.dtype), index, axis=c.ndim - 2))
         return self.language_model.head(x), jax.tree_util.tree_map(write, cache, new)
 
     def decode(self, input_ids, attention_mask, position_ids, features=None, splice_index=None):
         """input_ids, attention_mask: int[B, L]; position_ids: int[3, B, L] → logits float32[B, L, V]."""
         embeds = self.embed(input_ids, features, splice_index)
         return self.language_model(embeds, position_ids, jnp.asarray(attention_mask, jnp.int32))
+
+
+def _cache_sharding(cache):
+    """One sharding for a decode cache [layers?, B, Hkv, C, hd] from prefill to the last step (rows over the batch
+    axes, KV heads over the head axes where they divide), so no program re-lays it out on entry."""
+    return nn.with_logical_constraint(cache, ("layers",) * (cache.ndim - 4) + ("batch", "kv_heads", None, None))
 
 
 def _init(config: Qwen2VLConfig, key) -> dict:
