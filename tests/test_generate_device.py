@@ -122,3 +122,38 @@ def test_a_text_only_prompt_equals_transformers():
                               max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=cfg.pad_token_id)
     got = qwen2vl_jax.generate(cfg, jax.device_put(params), {"input_ids": ids}, max_new_tokens=NEW, eos_token_ids=[])
     np.testing.assert_array_equal(got[0], want[0, 12:].numpy())
+
+
+def test_sharded_decode_moves_no_weights_or_cache_between_devices():
+    """Compiled decode on tensor=2,data=4: per step only activation-sized collectives (the tensor-parallel
+    all-reduces of [B/data, 1, D], greedy's argmax over the vocabulary shards); no weight, cache or logits gather."""
+    import flax.linen as nn
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from qwen2vl_jax.model import abstract_params
+    from sharding import hlo_stats
+    from sharding.mesh import make_mesh
+    from sharding.rules import GENERATION_RULES, batch_shardings, generation_rules, param_shardings
+
+    cfg = reference("untied", 1)[0]
+    mesh = make_mesh("tensor=2,data=4")
+    shapes = Shapes(batch=8, length=256, cache=2048, vision_rows=1024)
+    place = lambda tree, shardings: jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    params = place(nn.unbox(abstract_params(cfg)), param_shardings(cfg, mesh, GENERATION_RULES))
+    calls = abstract_calls(cfg, shapes, shards=4)
+    inputs = place(calls["inputs"], batch_shardings(calls["inputs"], mesh, GENERATION_RULES))
+    with generation_rules(mesh):
+        prefill, decode = programs(cfg, tuple(nn.get_logical_axis_rules()), jax.sharding.get_abstract_mesh())
+        compiled = prefill.lower(params, inputs, calls["controls"], cache_length=shapes.cache).compile()
+        token, cache, kv_valid, seen = (place(x, s) for x, s in zip(
+            (calls["state"]["token"], calls["cache"], calls["state"]["kv_valid"], calls["state"]["seen"]),
+            compiled.output_shardings))
+        rows = NamedSharding(mesh, P("data"))
+        state = dict(calls["state"], token=token, kv_valid=kv_valid, seen=seen,
+                     done=place(calls["state"]["done"], rows), next_position=place(calls["state"]["next_position"], rows))
+        text = decode.lower(params, cache, state, calls["controls"]).compile().as_text()
+    step_activation = shapes.batch // 4 * cfg.text.hidden_size * 4  # [B / data, 1, D] float32
+    greedy = [c for c in hlo_stats.collectives(text) if "branch_1" not in c.op_name]  # branch_1: the sampling sort
+    assert greedy and max(c.bytes for c in greedy) <= 4 * step_activation, sorted(
+        (c.bytes, c.kind, c.op_name[-60:]) for c in greedy)[-3:]
