@@ -94,3 +94,38 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
 def pixels(rng: np.random.Generator, grids, patch_dim: int = 1176) -> np.ndarray:
     rows = int(sum(np.prod(g) for g in grids))
     return rng.standard_normal((rows, patch_dim)).astype(np.float32)
+
+
+def make_request(cfg: Qwen2VLConfig, pieces, seed: int) -> dict:
+    """One request as the processor would give it (HF-named arrays, batch 1) from `prompt` pieces."""
+    rng = np.random.default_rng(seed)
+    ids = np.array([prompt(cfg, rng, pieces)])
+    out = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for kind, px, key in (("image", "pixel_values", "image_grid_thw"),
+                          ("video", "pixel_values_videos", "video_grid_thw")):
+        grids = np.array([g for k, g in (p for p in pieces if isinstance(p, tuple)) if k == kind])
+        if len(grids):
+            out[px], out[key] = pixels(rng, grids), grids
+    return out
+
+
+def make_batch(cfg: Qwen2VLConfig, requests) -> dict:
+    """Requests → one left-padded batch (pad_token_id on the left, vision arrays concatenated in row order), written
+    out here so that tests can compare `generation.collate` with it."""
+    ids, mask = left_pad([r["input_ids"][0].tolist() for r in requests], cfg.pad_token_id)
+    out = {"input_ids": ids, "attention_mask": mask}
+    for px, key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        parts = [r for r in requests if px in r]
+        if parts:
+            out[px], out[key] = np.concatenate([r[px] for r in parts]), np.concatenate([r[key] for r in parts])
+    return out
+
+
+def transformers_generate(model, cfg: Qwen2VLConfig, request: dict, new_tokens: int, **options) -> np.ndarray:
+    """transformers' new tokens int[new_tokens] for one unpadded request (greedy, no eos unless `options` say)."""
+    kwargs = {k: torch.from_numpy(np.asarray(v)) for k, v in request.items()}
+    kwargs["mm_token_type_ids"] = torch.from_numpy(mm_token_type_ids(cfg, request["input_ids"]))
+    options = dict(do_sample=False, eos_token_id=None, pad_token_id=cfg.pad_token_id) | options
+    with torch.no_grad():
+        out = model.generate(**kwargs, max_new_tokens=new_tokens, **options)
+    return out[0, request["input_ids"].shape[1]:].numpy()

@@ -14,7 +14,7 @@ import qwen2vl_jax
 from qwen2vl_jax import Qwen2VLConfig, TextConfig, VisionConfig
 from qwen2vl_jax.checkpoint.mapping import params_from_torch
 from qwen2vl_jax.config import GenerationDefaults
-from reference import CONFIGS, hf_config, left_pad, mm_token_type_ids, pixels, prompt, reference
+from reference import CONFIGS, hf_config, make_batch, make_request, reference, transformers_generate
 from test_config import RELEASED_2B
 
 # 1,200 tokens; special ids inside it and far from Qwen's, pad ≠ eos ≠ bos
@@ -34,40 +34,6 @@ NEW = 8
 RELEASED_7B_GENERATION = {"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": True,
                           "eos_token_id": [151645, 151643], "repetition_penalty": 1.05, "temperature": 0.1,
                           "top_p": 0.001, "top_k": 1, "transformers_version": "4.37.0"}
-
-
-def _request(cfg, pieces, seed):
-    """One request as the processor would give it: HF-named arrays, batch 1."""
-    rng = np.random.default_rng(seed)
-    ids = np.array([prompt(cfg, rng, pieces)])
-    out = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for kind, px, key in (("image", "pixel_values", "image_grid_thw"),
-                          ("video", "pixel_values_videos", "video_grid_thw")):
-        grids = np.array([g for k, g in (p for p in pieces if isinstance(p, tuple)) if k == kind])
-        if len(grids):
-            out[px], out[key] = pixels(rng, grids), grids
-    return out
-
-
-def _batch(cfg, requests):
-    """Requests → one left-padded batch (pad_token_id on the left, vision arrays concatenated in row order)."""
-    ids, mask = left_pad([r["input_ids"][0].tolist() for r in requests], cfg.pad_token_id)
-    out = {"input_ids": ids, "attention_mask": mask}
-    for px, key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-        parts = [r for r in requests if px in r]
-        if parts:
-            out[px], out[key] = np.concatenate([r[px] for r in parts]), np.concatenate([r[key] for r in parts])
-    return out
-
-
-def _transformers_greedy(model, cfg, request) -> np.ndarray:
-    """transformers' greedy new tokens int[NEW] for one unpadded request."""
-    kwargs = {k: torch.from_numpy(np.asarray(v)) for k, v in request.items()}
-    kwargs["mm_token_type_ids"] = torch.from_numpy(mm_token_type_ids(cfg, request["input_ids"]))
-    with torch.no_grad():
-        out = model.generate(**kwargs, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                             pad_token_id=cfg.pad_token_id)
-    return out[0, request["input_ids"].shape[1]:].numpy()
 
 
 def _nested_only(cfg: Qwen2VLConfig) -> transformers.Qwen2VLConfig:
@@ -104,14 +70,14 @@ def test_saved_ids_load_and_greedy_equals_transformers(saved):
     assert {k: getattr(config, k) for k in IDS} == IDS
     assert config == cfg and config.generation == GenerationDefaults()  # generation_config.json repeats the ids
     assert _on_device(params, jax.devices()[0])
-    requests = [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)]
-    batch = _batch(cfg, requests)
+    requests = [make_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)]
+    batch = make_batch(cfg, requests)
     lengths = [r["input_ids"].shape[1] for r in requests]
     assert lengths[0] != lengths[1] and (batch["attention_mask"][:, 0] == 0).sum() == 1  # one row left padded
     ours = qwen2vl_jax.generate(config, params, batch, max_new_tokens=NEW, eos_token_ids=[])
     assert ours.shape == (2, NEW)
     for i, request in enumerate(requests):
-        np.testing.assert_array_equal(ours[i], _transformers_greedy(model, cfg, request), err_msg=f"row {i}")
+        np.testing.assert_array_equal(ours[i], transformers_generate(model, cfg, request, NEW), err_msg=f"row {i}")
     assert min(len(set(row)) for row in ours) >= 5, "a model repeating one token would hide position errors"
 
 
@@ -217,7 +183,7 @@ def test_loaded_params_generate_as_fast_as_params_placed_by_hand(tmp_path):
     model.save_pretrained(tmp_path)
     config, loaded = qwen2vl_jax.load(tmp_path)
     by_hand = jax.device_put(params_from_torch({k: v.numpy() for k, v in model.state_dict().items()}, cfg))
-    batch = _batch(cfg, [_request(cfg, [20, ("image", (1, 4, 4)), 10], 0)])
+    batch = make_batch(cfg, [make_request(cfg, [20, ("image", (1, 4, 4)), 10], 0)])
 
     def seconds(params):
         start = time.perf_counter()

@@ -5,14 +5,13 @@ import re
 
 import numpy as np
 import pytest
-import torch
 
 import qwen2vl_jax
 from qwen2vl_jax.buckets import Ladders, PaddingStats, rung, shapes_for
 from qwen2vl_jax.compiles import CompileCounter
 from qwen2vl_jax.generation import STATS, collate, generate_many
 from qwen2vl_jax.processing import smart_resize
-from reference import left_pad, mm_token_type_ids, pixels, prompt, reference
+from reference import make_batch, make_request, reference, transformers_generate
 
 # four images of different sizes and prompt lengths, and one video (t' = 2 ≤ max(h', w'): the rule both share)
 REQUESTS = [[3, ("image", (1, 4, 4)), 5], [9, ("image", (1, 8, 6)), 2], [1, ("image", (1, 2, 10)), 14],
@@ -20,41 +19,10 @@ REQUESTS = [[3, ("image", (1, 4, 4)), 5], [9, ("image", (1, 8, 6)), 2], [1, ("im
 NEW = 10
 
 
-def _request(cfg, pieces, seed):
-    """One request as the processor would give it: HF-named arrays, batch 1."""
-    rng = np.random.default_rng(seed)
-    ids = np.array([prompt(cfg, rng, pieces)])
-    out = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-    for kind, px, key in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos",
-                                                                          "video_grid_thw")):
-        grids = np.array([g for k, g in (p for p in pieces if isinstance(p, tuple)) if k == kind])
-        if len(grids):
-            out[px], out[key] = pixels(rng, grids), grids
-    return out
-
-
-def _batch(cfg, requests):
-    """Requests → one left-padded batch, written out here (the test of `collate` compares the two)."""
-    ids, mask = left_pad([r["input_ids"][0].tolist() for r in requests], cfg.pad_token_id)
-    out = {"input_ids": ids, "attention_mask": mask}
-    for px, key in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-        parts = [r for r in requests if px in r]
-        if parts:
-            out[px] = np.concatenate([r[px] for r in parts])
-            out[key] = np.concatenate([r[key] for r in parts])
-    return out
-
-
 @functools.lru_cache(maxsize=None)
 def _transformers_greedy(name: str, seed: int, index: int) -> np.ndarray:
     cfg, model, _ = reference(name, seed)
-    request = _request(cfg, REQUESTS[index], index)
-    kwargs = {k: torch.from_numpy(np.asarray(v)) for k, v in request.items()}
-    kwargs["mm_token_type_ids"] = torch.from_numpy(mm_token_type_ids(cfg, request["input_ids"]))
-    with torch.no_grad():
-        out = model.generate(**kwargs, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                             pad_token_id=cfg.pad_token_id)
-    return out[0, request["input_ids"].shape[1]:].numpy()
+    return transformers_generate(model, cfg, make_request(cfg, REQUESTS[index], index), NEW)
 
 
 # random tied models collapse onto repeating one token (the tied head favours the input token); the untied seed-1
@@ -62,8 +30,8 @@ def _transformers_greedy(name: str, seed: int, index: int) -> np.ndarray:
 @pytest.mark.parametrize("name,seed", [("tied", 0), ("untied", 1)])
 def test_batched_greedy_equals_transformers_per_sample(name, seed):
     cfg, _, params = reference(name, seed)
-    requests = [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)]
-    ours = qwen2vl_jax.generate(cfg, params, _batch(cfg, requests), max_new_tokens=NEW, eos_token_ids=[])
+    requests = [make_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)]
+    ours = qwen2vl_jax.generate(cfg, params, make_batch(cfg, requests), max_new_tokens=NEW, eos_token_ids=[])
     assert ours.shape == (len(REQUESTS), NEW) and ours.dtype == np.int32
     for i in range(len(REQUESTS)):
         np.testing.assert_array_equal(ours[i], _transformers_greedy(name, seed, i), err_msg=f"request {i}")
@@ -72,7 +40,7 @@ def test_batched_greedy_equals_transformers_per_sample(name, seed):
         from qwen2vl_jax.checkpoint.mapping import stack_layers  # the scanned layout keeps a stacked cache
 
         scanned = qwen2vl_jax.generate(cfg.replace(scan_layers=True), stack_layers(params, cfg),
-                                       _batch(cfg, requests), max_new_tokens=NEW, eos_token_ids=[])
+                                       make_batch(cfg, requests), max_new_tokens=NEW, eos_token_ids=[])
         np.testing.assert_array_equal(scanned, ours)
     alone = qwen2vl_jax.generate(cfg, params, requests[2], max_new_tokens=NEW, eos_token_ids=[])
     np.testing.assert_array_equal(alone[0], ours[2])
@@ -80,10 +48,10 @@ def test_batched_greedy_equals_transformers_per_sample(name, seed):
 
 def test_rows_stop_at_eos_and_then_pad():
     cfg, _, params = reference("untied", 1)
-    requests = [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS[:3])]
-    free = qwen2vl_jax.generate(cfg, params, _batch(cfg, requests), max_new_tokens=NEW, eos_token_ids=[])
+    requests = [make_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS[:3])]
+    free = qwen2vl_jax.generate(cfg, params, make_batch(cfg, requests), max_new_tokens=NEW, eos_token_ids=[])
     stop = int(free[1, 3])  # row 1's 4th token becomes the eos id
-    stopped = qwen2vl_jax.generate(cfg, params, _batch(cfg, requests), max_new_tokens=NEW, eos_token_ids=[stop])
+    stopped = qwen2vl_jax.generate(cfg, params, make_batch(cfg, requests), max_new_tokens=NEW, eos_token_ids=[stop])
     for row in range(3):
         hits = np.flatnonzero(free[row] == stop)
         end = hits[0] + 1 if len(hits) else NEW
@@ -94,7 +62,7 @@ def test_rows_stop_at_eos_and_then_pad():
 
 def test_sampling_is_seeded_and_its_filters_work():
     cfg, _, params = reference("untied", 1)
-    batch = _batch(cfg, [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS[:2])])
+    batch = make_batch(cfg, [make_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS[:2])])
     run = functools.partial(qwen2vl_jax.generate, cfg, params, batch, max_new_tokens=NEW, eos_token_ids=[])
     greedy = run()
     first, again, other = run(temperature=1.0, seed=1), run(temperature=1.0, seed=1), run(temperature=1.0, seed=2)
@@ -114,12 +82,12 @@ def test_fifty_random_requests_compile_few_programs():
         aspect = rng.uniform(1, 8)
         h, w = (side, max(28, int(side / aspect)))[:: 1 if rng.random() < 0.5 else -1]
         h, w = smart_resize(int(h), int(w))
-        requests.append(_request(cfg, [int(rng.integers(1, 200)), ("image", (1, h // 14, w // 14)),
+        requests.append(make_request(cfg, [int(rng.integers(1, 200)), ("image", (1, h // 14, w // 14)),
                                        int(rng.integers(1, 60))], 100 + i))
     STATS.__init__()
     with CompileCounter() as compiles:
         for start in range(0, 50, 4):
-            out = qwen2vl_jax.generate(cfg, params, _batch(cfg, requests[start:start + 4]), max_new_tokens=4,
+            out = qwen2vl_jax.generate(cfg, params, make_batch(cfg, requests[start:start + 4]), max_new_tokens=4,
                                        eos_token_ids=[])
             assert out.shape == (min(4, 50 - start), 4)
     counts = {name: compiles.count(name) for name in ("prefill", "decode")}
@@ -130,7 +98,7 @@ def test_fifty_random_requests_compile_few_programs():
 
 def test_bad_requests_are_named_and_leave_others_alone():
     cfg, _, params = reference("untied", 1)
-    good = [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)]
+    good = [make_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)]
     alone = [qwen2vl_jax.generate(cfg, params, r, max_new_tokens=4, eos_token_ids=[])[0] for r in good[:3]]
     no_image = {k: v for k, v in good[1].items() if k not in ("pixel_values", "image_grid_thw")}
     long = {"input_ids": np.full((1, 20000), 7), "attention_mask": np.ones((1, 20000), np.int64)}
@@ -149,8 +117,8 @@ def test_bad_requests_are_named_and_leave_others_alone():
 
 def test_collate_equals_the_processor_layout():
     cfg = reference("untied", 1)[0]
-    requests = [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)]
-    collated, expected = collate(requests, cfg.pad_token_id), _batch(cfg, requests)
+    requests = [make_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)]
+    collated, expected = collate(requests, cfg.pad_token_id), make_batch(cfg, requests)
     assert collated.keys() == expected.keys()
     for key in expected:
         np.testing.assert_array_equal(collated[key], expected[key], err_msg=key)
@@ -173,7 +141,7 @@ def test_generate_with_params_loaded_onto_a_mesh(tmp_path):
 
     cfg, model, params = reference("untied", 1)
     model.save_pretrained(tmp_path)
-    batch = _batch(cfg, [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)])
+    batch = make_batch(cfg, [make_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)])
     expected = qwen2vl_jax.generate(cfg, params, batch, max_new_tokens=NEW, eos_token_ids=[])
     config, sharded = qwen2vl_jax.load(tmp_path, mesh=make_mesh("fsdp=4,tensor=2"))
     assert len(sharded["language_model"]["embed_tokens"].sharding.device_set) == 8
@@ -187,14 +155,10 @@ def test_repetition_penalty_and_the_checkpoints_defaults_match_transformers():
     from qwen2vl_jax.config import GenerationDefaults
 
     cfg, model, params = reference("untied", 1)
-    request = _request(cfg, REQUESTS[1], 1)
-    kwargs = {k: torch.from_numpy(np.asarray(v)) for k, v in request.items()}
-    kwargs["mm_token_type_ids"] = torch.from_numpy(mm_token_type_ids(cfg, request["input_ids"]))
-    with torch.no_grad():
-        want = model.generate(**kwargs, max_new_tokens=NEW, do_sample=False, repetition_penalty=1.5,
-                              eos_token_id=None, pad_token_id=cfg.pad_token_id)[0, request["input_ids"].shape[1]:]
+    request = make_request(cfg, REQUESTS[1], 1)
+    want = transformers_generate(model, cfg, request, NEW, repetition_penalty=1.5)
     got = qwen2vl_jax.generate(cfg, params, request, max_new_tokens=NEW, repetition_penalty=1.5, eos_token_ids=[])
-    np.testing.assert_array_equal(got[0], want.numpy())
+    np.testing.assert_array_equal(got[0], want)
     assert not np.array_equal(got, qwen2vl_jax.generate(cfg, params, request, max_new_tokens=NEW, eos_token_ids=[]))
     stop = int(got[0, 4])
     end = int(np.flatnonzero(got[0] == stop)[0]) + 1

@@ -11,8 +11,8 @@ from qwen2vl_jax.checkpoint.mapping import stack_layers
 from qwen2vl_jax.compiles import CompileCounter
 from qwen2vl_jax.generation import Timeline, abstract_calls, programs
 from qwen2vl_jax.processing import smart_resize
-from reference import reference
-from test_generate import NEW, REQUESTS, _batch, _request
+from reference import make_batch, make_request, reference, transformers_generate
+from test_generate import NEW, REQUESTS
 
 
 def _model(name="untied", seed=1):
@@ -30,7 +30,7 @@ def test_twenty_random_requests_compile_at_most_ten_programs_in_the_process():
         side, aspect = int(rng.integers(28, 1501)), rng.uniform(1, 8)
         h, w = (side, max(28, int(side / aspect)))[:: 1 if rng.random() < 0.5 else -1]
         h, w = smart_resize(h, w)
-        requests.append(_request(cfg, [int(rng.integers(1, 200)), ("image", (1, h // 14, w // 14)),
+        requests.append(make_request(cfg, [int(rng.integers(1, 200)), ("image", (1, h // 14, w // 14)),
                                        int(rng.integers(1, 60))], 200 + i))
     after = []
     with CompileCounter() as compiles:
@@ -44,7 +44,7 @@ def test_twenty_random_requests_compile_at_most_ten_programs_in_the_process():
 
 def test_one_copy_to_the_host_per_call_and_two_programs():
     cfg, params = _model()
-    batch = _batch(cfg, [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)])
+    batch = make_batch(cfg, [make_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)])
     expected = qwen2vl_jax.generate(cfg, params, batch, max_new_tokens=NEW, eos_token_ids=[])
     timeline = Timeline()
     with jax.transfer_guard_device_to_host("disallow"):  # any implicit device→host copy (a per-step sync) raises
@@ -55,7 +55,7 @@ def test_one_copy_to_the_host_per_call_and_two_programs():
     early = Timeline()
     stop = int(expected[0, 2])
     qwen2vl_jax.generate(cfg, params, {k: v[:1] if k in ("input_ids", "attention_mask") else v
-                                       for k, v in _batch(cfg, [_request(cfg, REQUESTS[0], 0)]).items()},
+                                       for k, v in make_batch(cfg, [make_request(cfg, REQUESTS[0], 0)]).items()},
                          max_new_tokens=NEW, eos_token_ids=[stop], timeline=early)
     assert early.steps[0] <= 3  # the loop ends on device when every row is done
 
@@ -82,7 +82,7 @@ def test_sharded_params_give_one_devices_tokens():
     from sharding.rules import GENERATION_RULES, generation_rules, param_shardings
 
     cfg, params = _model()
-    batch = _batch(cfg, [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)])
+    batch = make_batch(cfg, [make_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS)])
     expected = qwen2vl_jax.generate(cfg, params, batch, max_new_tokens=NEW, eos_token_ids=[])
     mesh = make_mesh("tensor=4,data=2")
     sharded = jax.device_put(params, param_shardings(cfg, mesh, GENERATION_RULES))
@@ -97,8 +97,8 @@ def test_sharded_params_give_one_devices_tokens():
 
 def test_ids_outside_the_vocabulary():
     cfg, params = _model()
-    requests = [_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS[:3])]
-    batch = _batch(cfg, requests)
+    requests = [make_request(cfg, pieces, i) for i, pieces in enumerate(REQUESTS[:3])]
+    batch = make_batch(cfg, requests)
     expected = qwen2vl_jax.generate(cfg, params, batch, max_new_tokens=NEW, eos_token_ids=[])
     junk = dict(batch, input_ids=batch["input_ids"].copy())
     masked = batch["attention_mask"] == 0
@@ -113,15 +113,10 @@ def test_ids_outside_the_vocabulary():
 
 
 def test_a_text_only_prompt_equals_transformers():
-    import torch
-
     cfg, model, params = reference("untied", 1)
-    ids = np.random.default_rng(5).integers(0, 490, (1, 12))
-    with torch.no_grad():
-        want = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.ones(1, 12, dtype=torch.long),
-                              max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=cfg.pad_token_id)
-    got = qwen2vl_jax.generate(cfg, jax.device_put(params), {"input_ids": ids}, max_new_tokens=NEW, eos_token_ids=[])
-    np.testing.assert_array_equal(got[0], want[0, 12:].numpy())
+    request = {"input_ids": np.random.default_rng(5).integers(0, 490, (1, 12))}
+    got = qwen2vl_jax.generate(cfg, jax.device_put(params), request, max_new_tokens=NEW, eos_token_ids=[])
+    np.testing.assert_array_equal(got[0], transformers_generate(model, cfg, request, NEW))
 
 
 def test_sharded_decode_moves_no_weights_or_cache_between_devices():

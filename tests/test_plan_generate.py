@@ -15,8 +15,8 @@ def _small(preset: str, layers: int = 2, vision_depth: int = 2) -> Qwen2VLConfig
                           vision=dataclasses.replace(config.vision, depth=vision_depth))
 
 
-def _check(result: dict) -> None:
-    """The compiled programs hold exactly the bytes the analytic accounting says."""
+def _check(result: dict, padding: float = 0.0) -> None:
+    """The compiled programs hold the bytes the analytic accounting says (+ `padding`: XLA:TPU's tiled layouts)."""
     prefill, decode, cache = result["prefill"], result["decode"], result["analytic_cache"]
     # the KV cache: what decode aliases (its donated cache) is the closed form, split over batch shards × tensor
     assert result["cache_per_device"] == pytest.approx(cache["per_device"], rel=0.01)
@@ -25,7 +25,7 @@ def _check(result: dict) -> None:
     # prefill reads every parameter: its arguments are the sharded params + inputs + controls (less the controls it
     # never reads: eos ids and max_new_tokens, a few bytes)
     ours = result["params_per_device"] + result["inputs_per_device"] + result["controls_bytes"]
-    assert ours - 64 <= prefill["arguments"] <= ours
+    assert ours - 64 <= prefill["arguments"] <= ours * (1 + padding)
     # nearly every parameter is split over tensor; what is not (norms, biases) is small
     ideal = result["analytic_params_per_device"]
     assert ideal <= result["params_per_device"] <= 1.03 * ideal
@@ -67,4 +67,4 @@ def test_tpu_topology_compile():
     result = plan_generate("tiny", "tensor=2,data=2", batch=8, seq=200, max_new_tokens=32, patches_per_sample=64,
                            topology="v5e:2x2")
     assert result["compiler"] == "XLA:TPU v5e:2x2" and result["devices"] == 4
-    _check(result)
+    _check(result, padding=0.05)
