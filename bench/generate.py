@@ -54,7 +54,8 @@ import qwen2vl_jax  # noqa: E402
 from qwen2vl_jax import Qwen2VLConfig  # noqa: E402
 from qwen2vl_jax.buckets import Ladders, shapes_for  # noqa: E402
 from qwen2vl_jax.compiles import CompileCounter  # noqa: E402
-from qwen2vl_jax.generation import Timeline, abstract_calls  # noqa: E402
+from qwen2vl_jax.decoding import abstract_calls  # noqa: E402
+from qwen2vl_jax.generation import Timeline  # noqa: E402
 
 torch.set_num_threads(THREADS)
 GRID, PATCHES, TEXT = (1, 32, 32), 1024, (12, 20)  # 448×448; 32 text tokens around the image

@@ -31,7 +31,8 @@ class Model:
 def add_model_flags(parser) -> None:
     parser.add_argument("--mesh", default=DEFAULT_MESH,
                         help="axis=size,... over this host's devices (data, fsdp, tensor; -1 fills), e.g. tensor=4 "
-                             f"or data=2,tensor=4; weights split over tensor, the batch over data (default {DEFAULT_MESH})")
+                             "or data=2,tensor=4; weights split over tensor, the batch over data "
+                             f"(default {DEFAULT_MESH})")
     parser.add_argument("--dtype", help="cast the weights and compute, e.g. bfloat16 (TPU) or float32 (fastest on "
                                         "CPUs); default: as stored")
 

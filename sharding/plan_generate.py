@@ -13,8 +13,8 @@ tokens holding `patches_per_sample` ViT rows each, with `max_new_tokens`, run wi
 
 Two compilers: by default XLA:CPU on as many fake CPU devices as the mesh has. XLA:CPU has no bfloat16 matmul, so
 it keeps float32 copies of bf16 weights and of the KV cache among its temporaries: a bf16 plan's CPU temporaries
-overstate the TPU's (2× for 7B prefill, ~800× for decode). `--topology v5e:2x2` (any name
-`jax.experimental.topologies` knows: v5e:2x4, v5p:2x2x2, …) compiles with XLA:TPU instead, from libtpu
+overstate the TPU's (7B on tensor=4: prefill 14.2 vs 4.0 GB, decode 15.5 vs 0.02 GB). `--topology v5e:2x2` (any
+name `jax.experimental.topologies` knows: v5e:2x4, v5p:2x2x2, …) compiles with XLA:TPU instead, from libtpu
 (`pip install libtpu`, the version jax[tpu] pins), on a machine without a TPU: TPU buffer assignment, TPU numbers.
 
 Per program: XLA's argument, output, alias and temporary bytes per device and its peak = arguments + outputs −
@@ -73,7 +73,7 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
 
     from qwen2vl_jax import Qwen2VLConfig
     from qwen2vl_jax.buckets import Ladders, shapes_for
-    from qwen2vl_jax.generation import abstract_calls, programs
+    from qwen2vl_jax.decoding import abstract_calls, programs
     from qwen2vl_jax.model import abstract_params
     from sharding.mesh import make_mesh
     from sharding.plan import _bytes, _itemsize, analytic_param_count
@@ -150,15 +150,15 @@ def report(result: dict, hbm: float | None) -> str:
              f"{result['kv_heads']} KV heads × {result['head_dim']}), {result['param_count'] / 1e9:.3f} B params in "
              f"{result['dtype']}, attention {result['attention']}, mesh {result['mesh']} = {result['devices']} "
              f"devices ({result['batch_shards']} batch shards)",
-             f"request: batch {result['batch']} × seq {result['seq']} + {result['patches_per_sample']} patches/sample, "
-             f"max_new_tokens {result['max_new_tokens']} → buckets batch {s['batch']}, length {s['length']}, cache "
-             f"{s['cache']} slots, {s['vision_rows_per_shard']} ViT rows per shard",
+             f"request: batch {result['batch']} × seq {result['seq']} + {result['patches_per_sample']} "
+             f"patches/sample, max_new_tokens {result['max_new_tokens']} → buckets batch {s['batch']}, length "
+             f"{s['length']}, cache {s['cache']} slots, {s['vision_rows_per_shard']} ViT rows per shard",
              f"{'per device':<16}{'plan':>12}{'analytic':>13}",
              f"{'parameters':<16}{gb(result['params_per_device'])}{gb(result['analytic_params_per_device'])}"
              f"  (analytic: all params / tensor; norms, biases and undivided dims are replicated)",
              f"{'KV cache':<16}{gb(result.get('cache_per_device', a['per_device']))}{gb(a['per_device'])}  "
-             f"(2·{result['layers']}·{s['batch']}·{result['kv_heads']}·{s['cache']}·{result['head_dim']}·itemsize / "
-             f"({result['batch_shards']}·{a['heads_split']}); specs {', '.join(result.get('cache_specs', ['?']))})",
+             f"(2·{result['layers']}·{s['batch']}·{result['kv_heads']}·{s['cache']}·{result['head_dim']}·itemsize"
+             f" / ({result['batch_shards']}·{a['heads_split']}); specs {', '.join(result.get('cache_specs', ['?']))})",
              f"{'prefill inputs':<16}{gb(result['inputs_per_device'])}"]
     if "prefill" in result:
         lines.append(f"{'XLA memory':<16}{'arguments':>12}{'outputs':>12}{'aliased':>12}{'temporaries':>12}"

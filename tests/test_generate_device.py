@@ -9,7 +9,8 @@ import qwen2vl_jax
 from qwen2vl_jax.buckets import Shapes
 from qwen2vl_jax.checkpoint.mapping import stack_layers
 from qwen2vl_jax.compiles import CompileCounter
-from qwen2vl_jax.generation import Timeline, abstract_calls, programs
+from qwen2vl_jax.decoding import abstract_calls, programs
+from qwen2vl_jax.generation import Timeline
 from qwen2vl_jax.processing import smart_resize
 from reference import make_batch, make_request, reference, transformers_generate
 from test_generate import NEW, REQUESTS
