@@ -35,6 +35,8 @@ setup(
             "torch==2.13.0",
             "transformers==5.24.0",
         ],
+        # sharding.plan --topology: compile for a TPU slice on a machine without one (jax 0.10.2's [tpu] pin)
+        "tpu-plan": ["libtpu==0.0.42.1"],
     },
     entry_points={
         "console_scripts": [
