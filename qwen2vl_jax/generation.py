@@ -39,7 +39,7 @@ from qwen2vl_jax.attention_sharding import active_batch_axes
 from qwen2vl_jax.buckets import Ladders, PaddingStats, batch_rung, rung, shapes_for
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.decoding import make_controls, programs
-from qwen2vl_jax.inputs import gather_vision_pixels, grid_array, prepare_inputs
+from qwen2vl_jax.inputs import gather_vision_pixels, grid_array, prepare_inputs, widen_vision
 
 STATS = PaddingStats()  # padding of every generate call in this process
 
@@ -176,13 +176,10 @@ def generate(config: Qwen2VLConfig, params, batch: dict, *, max_new_tokens: int,
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=prepared["position_ids"],
                       splice_index=prepared["splice_index"])
         if pixels:
-            widen = lambda x, value: np.pad(x, [(0, 0), (0, shapes.vision_rows - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
-                                            constant_values=value)
-            pixel_rows = widen(prepared["vision_rows"], -1)
-            inputs |= dict(vision_pixels=gather_vision_pixels(np.concatenate(pixels), pixel_rows)
+            vision = widen_vision(prepared, shapes.vision_rows)
+            inputs |= dict(vision_pixels=gather_vision_pixels(np.concatenate(pixels), vision["vision_rows"])
                            .astype(jax.numpy.dtype(config.dtype)),  # the ViT's dtype: bf16 halves the copy
-                           vision_pos_hw=widen(prepared["vision_pos_hw"], 0),
-                           vision_segment_ids=widen(prepared["vision_segment_ids"], 0))
+                           vision_pos_hw=vision["vision_pos_hw"], vision_segment_ids=vision["vision_segment_ids"])
         inputs = _place(inputs, batch_axes)
         controls = make_controls(config, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                              eos_token_ids)

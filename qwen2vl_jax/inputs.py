@@ -29,11 +29,23 @@ def grid_array(grid, name: str, merge_size: int = 1) -> np.ndarray:
     return g.astype(np.int64)
 
 
+# Padding rows of a packed ViT sequence form runs of this many rows, each its own (negative) segment: padding then
+# attends only within its run, so the blockwise kernel visits one block per padding block instead of treating all
+# padding as one segment (rows² of wasted attention at a large vision bucket).
+PADDING_RUN = 256
+
+
+def padding_segments(start: int, stop: int) -> np.ndarray:
+    """Segment ids int32[stop − start] of padding rows start … stop − 1 of a packed ViT sequence:
+    −1 − row // PADDING_RUN (by absolute row, so padding added later in more steps continues the same runs)."""
+    return (-1 - np.arange(start, stop) // PADDING_RUN).astype(np.int32)
+
+
 def vision_layout(grids: np.ndarray, merge_size: int, pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The packed ViT sequence for grids int[n, 3], in the processor's row order (t, h-block, w-block, h-in, w-in).
 
     Returns pos_hw int32[N, 2] (patch row and column) and segment_ids int32[N]: one segment per frame-pair,
-    numbered from 1; rows added by `pad_to` get segment 0 and position 0."""
+    numbered from 1; rows added by `pad_to` get position 0 and negative segment ids (`padding_segments`)."""
     positions, segments, segment = [], [], 0
     for t, h, w in np.asarray(grids, np.int64):
         if h % merge_size or w % merge_size:
@@ -52,7 +64,7 @@ def vision_layout(grids: np.ndarray, merge_size: int, pad_to: int | None = None)
         if pad_to < len(seg):
             raise ValueError(f"pad_to={pad_to} is smaller than the {len(seg)} vision patches")
         pos = np.concatenate([pos, np.zeros((pad_to - len(seg), 2), np.int64)])
-        seg = np.concatenate([seg, np.zeros((pad_to - len(seg),), np.int64)])
+        seg = np.concatenate([seg, padding_segments(len(seg), pad_to)])
     return pos.astype(np.int32), seg.astype(np.int32)
 
 
@@ -119,10 +131,23 @@ def shard_vision(config: Qwen2VLConfig, input_ids: np.ndarray, images: np.ndarra
     index = splice_index(input_ids, config, int((images.prod(-1) // merge2).sum()),
                          int((videos.prod(-1) // merge2).sum()))
     return dict(vision_pos_hw=np.stack([pad(pos, 0) for pos, _ in layouts]).astype(np.int32),
-                vision_segment_ids=np.stack([pad(seg, 0) for _, seg in layouts]).astype(np.int32),
+                vision_segment_ids=np.stack([np.concatenate([seg, padding_segments(len(seg), width)])
+                                             for _, seg in layouts]).astype(np.int32),
                 vision_rows=np.stack([pad(r.astype(np.int32), -1) for r in pixel_rows]),
                 splice_index=np.where(index >= 0, local_feature[np.maximum(index, 0)] if feature_start else -1,
                                       -1).astype(np.int32))
+
+
+def widen_vision(prepared: dict, width: int) -> dict:
+    """`shard_vision`'s arrays padded to `width` rows per shard (a bucket): vision_pos_hw with 0, vision_rows with −1,
+    vision_segment_ids with `padding_segments`."""
+    have = prepared["vision_segment_ids"].shape[1]
+    if width < have:
+        raise ValueError(f"vision bucket {width} is smaller than a shard's {have} patch rows")
+    pad = lambda x, value: np.pad(x, [(0, 0), (0, width - have)] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    segments = np.broadcast_to(padding_segments(have, width), (len(prepared["vision_segment_ids"]), width - have))
+    return dict(prepared, vision_pos_hw=pad(prepared["vision_pos_hw"], 0), vision_rows=pad(prepared["vision_rows"], -1),
+                vision_segment_ids=np.concatenate([prepared["vision_segment_ids"], segments], axis=1))
 
 
 def gather_vision_pixels(pixels: np.ndarray, vision_rows: np.ndarray) -> np.ndarray:

@@ -76,7 +76,7 @@ class VisionTransformer(nn.Module):
     @nn.compact
     def __call__(self, pixel_values, pos_hw, segment_ids, *, return_hidden: bool = False):
         """pixel_values: float[S, N, C·T·P·P] rows as the processor lays them out (or [N, ...]: S = 1);
-        pos_hw: int32[S, N, 2]; segment_ids: int32[S, N] (one per frame-pair; padding rows their own segment). N must
+        pos_hw: int32[S, N, 2]; segment_ids: int32[S, N] (one per frame-pair; padding rows in runs of negative ids). N must
         be a multiple of merge². Returns merged features [S, N / merge², D] (and the last hidden states [S, N, E] if
         asked), without the S axis when the inputs had none."""
         v, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
