@@ -153,3 +153,26 @@ def test_sharded_decode_moves_no_weights_or_cache_between_devices():
     greedy = [c for c in hlo_stats.collectives(text) if "branch_1" not in c.op_name]  # branch_1: the sampling sort
     assert greedy and max(c.bytes for c in greedy) <= 4 * step_activation, sorted(
         (c.bytes, c.kind, c.op_name[-60:]) for c in greedy)[-3:]
+
+
+def test_vision_padding_is_cheap_and_changes_nothing():
+    """Padding rows of a ViT bucket form runs of their own segments: the blockwise kernel visits one block per
+    padding block (not padding², as one shared segment would), and the real rows' features do not change."""
+    from qwen2vl_jax.attention_blockwise import visited_block_pairs
+    from qwen2vl_jax.inputs import PADDING_RUN, vision_layout
+    from qwen2vl_jax.model import Qwen2VL
+
+    cfg, params = _model()
+    grids = np.array([[1, 4, 6], [2, 2, 4]])
+    real = int(grids.prod(-1).sum())
+    pixels = np.random.default_rng(0).standard_normal((real, cfg.vision.patch_dim)).astype(np.float32)
+    features = {}
+    for bucket in (real, 4096):
+        pos, seg = vision_layout(grids, 2, bucket)
+        assert (seg[real:] < 0).all() and len(set(seg[real:PADDING_RUN + real].tolist())) <= 2
+        padded = np.concatenate([pixels, np.zeros((bucket - real, cfg.vision.patch_dim), np.float32)])
+        features[bucket] = np.asarray(Qwen2VL(cfg).apply({"params": params}, padded, pos, seg,
+                                                         method=Qwen2VL.encode_vision))[:real // 4]
+        if bucket == 4096:
+            assert int(visited_block_pairs(seg[None])) <= 4096 // 256 + 2  # one kv block per query block
+    np.testing.assert_allclose(features[4096], features[real], rtol=1e-5, atol=1e-5)
