@@ -182,7 +182,7 @@ def generate(config: Qwen2VLConfig, params, batch: dict, *, max_new_tokens: int,
                            vision_pos_hw=vision["vision_pos_hw"], vision_segment_ids=vision["vision_segment_ids"])
         inputs = _place(inputs, batch_axes)
         controls = make_controls(config, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                             eos_token_ids)
+                                 eos_token_ids)
         prefill, decode = programs(config, tuple(nn.get_logical_axis_rules()), jax.sharding.get_abstract_mesh())
         done = np.arange(shapes.batch) >= len(input_ids)
         next_position = (prepared["position_ids"].max(axis=(0, 2)) + 1).astype(np.int32)  # last prompt position + 1
