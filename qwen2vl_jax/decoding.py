@@ -124,7 +124,7 @@ def _sampling(controls):
 
 
 def make_controls(config: Qwen2VLConfig, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-              eos_token_ids) -> dict:
+                  eos_token_ids) -> dict:
     """The traced scalars of a call (host numpy: no compile), defaults from config.generation."""
     defaults = config.generation
     if temperature is None and top_k is None and top_p is None:
