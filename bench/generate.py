@@ -19,8 +19,8 @@ random transformers model, its state dict → ours (`params_from_torch`).
 
 cpu_use = process CPU s / wall s per phase (≈ 2 uncontended); a case whose cpu_use < --min-cpu-use is rerun at the
 end of its phase, once the load average is < 1.5 or after 10 min (the least contended run kept, the others under
-"contended"). Memory: two float32 copies (≈ 17.6 GB); the default-ladder batch 8 (8 × 1024 tokens, 16384 vision
-rows, cache 2048) runs after the torch model is freed.
+"contended"). Memory: transformers runs first, then its weights become ours and it is freed: two float32 copies
+(≈ 17.6 GB) only during the conversion.
 
     python bench/generate.py [--preset 2b|tiny] [--batches 1,8] [--new-tokens 64] [--repeats 2] [--skip-torch]
                              [--out bench/results/generate.json]
@@ -252,9 +252,6 @@ def main():
     results["machine_rates"].append(measure_machine(gb))
     log(f"machine: {results['machine_rates'][-1]}")
     model = fw.build_torch(cfg, args.seed)
-    params = fw.to_jax_params({k: v.detach().numpy() for k, v in model.state_dict().items()}, cfg)
-    model = None if args.skip_torch else model
-    fw.release_memory()
 
     def ours_job(name, b):
         def job():
@@ -286,21 +283,20 @@ def main():
                     if os.getloadavg()[0] < 1.5:
                         break
                     time.sleep(15)
-                new = dict(job(), rerun=len(results["contended"].setdefault(key, [])) + 1)
-                runs[key], other = (new, runs[key]) if new["cpu_use_min"] >= runs[key]["cpu_use_min"] else (
-                    runs[key], new)  # keep the least contended
+                again = dict(job(), rerun=len(results["contended"].setdefault(key, [])) + 1)
+                runs[key], other = (again, runs[key]) if again["cpu_use_min"] >= runs[key]["cpu_use_min"] else (
+                    runs[key], again)  # keep the least contended
                 results["contended"][key].append(other)
 
-    big = lambda name, b: name == "default" and b > 1 and args.preset == "2b"  # too large beside the torch model
-    if model is not None:
+    if not args.skip_torch:  # transformers first, alone in memory with its weights
         torch_call(model, cfg, inputs[batches[0]], 2)  # warm-up
-    run_phase([ours_job(n, b) for n in ladders for b in batches if not big(n, b)]
-              + [torch_job(b) for b in batches if model is not None])
+        run_phase([torch_job(b) for b in batches])
+    params = fw.to_jax_params({k: v.detach().numpy() for k, v in model.state_dict().items()}, cfg)
+    del model  # two float32 copies only during the conversion
+    fw.release_memory()
+    run_phase([ours_job(n, b) for n in ladders for b in batches])
     results["before_replay_host_ms_per_step"] = {f"b{b}": replay_old_step(cfg, params, b, length, new,
                                                                           ladders["exact"]) for b in batches}
-    del model
-    fw.release_memory()
-    run_phase([ours_job(n, b) for n in ladders for b in batches if big(n, b)])
     results["machine_rates"].append(measure_machine(gb))
     for key in [k for k in tokens if k.startswith("ours/")]:
         if (ref := "torch/b" + key.rsplit("/b", 1)[1]) in tokens:
