@@ -47,7 +47,8 @@ STATS = PaddingStats()  # padding of every generate call in this process
 class Timeline:
     """Where generate calls spend their time: pass `timeline=Timeline()` and each call appends (phase, seconds) for
     "prepare" (host: checks, padding, layouts, input transfers), "prefill" and "decode" (one device program each)
-    and "fetch" (the one device→host copy of the tokens), and its decode steps to `steps`. A timed phase waits for
+    and "fetch" (the one device→host copy of the tokens), and the tokens it made to `steps` (the prefill's first +
+    one per decode-loop iteration). A timed phase waits for
     its program to finish, which the next phase would do anyway, so the phases add up to the call."""
 
     def __init__(self):
