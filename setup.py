@@ -4,17 +4,19 @@ setup(
     name="qwen2vl-jax",
     version="0.1.0",
     description="Qwen2-VL in JAX/Flax: packed native-resolution ViT, M-RoPE, Qwen2 decoder.",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # the pinned jax and numpy wheels need 3.11+
     packages=find_packages(include=["qwen2vl_jax*", "training*", "sharding*", "data_pipeline*", "evaluation*", "configs*"]),
     install_requires=[
         "jax==0.10.2",
         "jaxlib==0.10.2",
         "flax==0.12.8",
+        "optax==0.2.8",
         "etils==1.15.0",
         "numpy==2.4.6",
         "pillow==13.0.0",
         "safetensors==0.8.0",
         "tokenizers==0.23.3",
+        "jinja2==3.1.6",
         "ml_collections==1.1.0",
         "ml_dtypes==0.6.0",
         "orbax-checkpoint==0.12.8",
@@ -28,6 +30,8 @@ setup(
         "tensorboard==2.21.0",
         "matplotlib==3.11.2",
         "rapidfuzz==3.14.6",
+        # video files (mp4, webm, mkv, mov, avi, gif): the wheels carry ffmpeg, so no system codec is needed
+        "av==18.1.0",
     ],
     extras_require={
         "test": [
@@ -35,6 +39,12 @@ setup(
             "torch==2.13.0",
             "transformers==5.24.0",
         ],
+        # Cloud TPU VMs: jax's own TPU build of the pinned version (libtpu)
+        "tpu": ["jax[tpu]==0.10.2"],
+        # NVIDIA GPUs (CUDA 12 wheels, cuDNN attention)
+        "cuda": ["jax[cuda12]==0.10.2"],
+        # gs:// checkpoints, data, eval outputs and compile caches (etils.epath goes through gcsfs)
+        "gcs": ["gcsfs==2026.10.1"],
         # sharding.plan --topology: compile for a TPU slice on a machine without one (jax 0.10.2's [tpu] pin)
         "tpu-plan": ["libtpu==0.0.42.1"],
     },

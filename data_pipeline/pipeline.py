@@ -22,7 +22,7 @@ def with_pixel_bounds(processor: Processor, min_pixels: int | None, max_pixels: 
 
     bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
     return Processor(processor.tokenizer, dataclasses.replace(processor.image_options, **bounds),
-                     processor.video_options)
+                     processor.video_options, processor.chat_template)
 
 
 def check_token_ids(processor: Processor, config: Qwen2VLConfig) -> None:

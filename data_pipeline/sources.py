@@ -5,7 +5,8 @@ Every source returns the same normalized record (a dict)::
     {"messages": list,   # Qwen chat messages (image/video items in content lists)
      "images": list,     # one entry per image item, in message order:
                          #   bytes (encoded image) or a local/remote path str
-     "videos": list,     # one entry per video item: path of a frame directory or .npy
+     "videos": list,     # one entry per video item: path of a video file, frame directory or .npy,
+                         #   or {"video": path, **options} when the item has fps/nframes/pixel options
      "id": str,
      ...}                # extra top-level string fields, passed through
 
@@ -40,13 +41,15 @@ def _is_remote(path: str) -> bool:
 def confined_path(ref, root: str, root_real: str | None) -> str:
     """Resolves media reference ``ref`` against ``root``; refuses escapes.
 
-    Remote URLs (http(s)://, gs://, s3://) pass through unchanged. Local refs
-    must be relative, must not climb out with ``..``, and (for a local root)
-    must not resolve through symlinks to a place outside ``root``.
+    Remote URLs (http(s)://, gs://, s3://) and ``data:`` URIs pass through
+    unchanged. Local refs must be relative, must not climb out with ``..``,
+    and (for a local root; pass root_real=None for a remote one such as
+    gs://bucket/dir) must not resolve through symlinks to a place outside
+    ``root``. A remote root is joined posix-style: gs://bucket/dir/ref.
     """
     if not isinstance(ref, str) or not ref:
         raise RecordError(f"media reference must be a non-empty string, got {ref!r}")
-    if ref.startswith(_REMOTE_PREFIXES):
+    if ref.startswith(_REMOTE_PREFIXES) or ref.startswith("data:"):
         return ref
     rel = ref[len("file://"):] if ref.startswith("file://") else ref
     if "://" in rel:
@@ -64,11 +67,17 @@ def confined_path(ref, root: str, root_real: str | None) -> str:
     return full
 
 
+# qwen-vl-utils video item options (sampling and pixel budget) that travel with a video reference
+VIDEO_OPTIONS = ("fps", "nframes", "min_frames", "max_frames", "video_start", "video_end",
+                 "min_pixels", "max_pixels", "total_pixels")
+
+
 def _media_refs(messages: list, kind: str, fallback: list | None) -> list:
     """The ``kind`` ("image"/"video") references of all content items, in order.
 
     Items without their own reference (LLaVA-style ``{"type": "image"}``) take
-    the next entry of the top-level ``fallback`` list.
+    the next entry of the top-level ``fallback`` list. A video item with
+    options (``VIDEO_OPTIONS``, e.g. ``"fps": 1``) yields ``{"video": ref, **options}``.
     """
     if fallback is not None and not isinstance(fallback, list):
         raise RecordError(f"top-level {kind + 's'!r} must be a list, got {type(fallback).__name__}")
@@ -80,12 +89,14 @@ def _media_refs(messages: list, kind: str, fallback: list | None) -> list:
         for item in content:
             if isinstance(item, dict) and item.get("type") == kind:
                 if item.get(kind) is not None:
-                    refs.append(item[kind])
+                    ref = item[kind]
                 elif fallback:
-                    refs.append(fallback.pop(0))
+                    ref = fallback.pop(0)
                 else:
                     raise RecordError(f"{kind} item without a {kind!r} value and no "
                                       f"top-level {kind + 's'!r} entry left for it")
+                options = {k: item[k] for k in VIDEO_OPTIONS if item.get(k) is not None} if kind == "video" else {}
+                refs.append({"video": ref, **options} if options else ref)
     if fallback:
         raise RecordError(f"{len(fallback)} top-level {kind + 's'!r} entries have no "
                           f"matching {{'type': '{kind}'}} item in the messages")
@@ -163,7 +174,8 @@ class JsonlSource:
             messages = _check_messages(obj.get("messages"))
             images = [confined_path(r, self.root, self._root_real)
                       for r in _media_refs(messages, "image", obj.get("images"))]
-            videos = [confined_path(r, self.root, self._root_real)
+            videos = [{**r, "video": confined_path(r["video"], self.root, self._root_real)} if isinstance(r, dict)
+                      else confined_path(r, self.root, self._root_real)
                       for r in _media_refs(messages, "video", obj.get("videos"))]
         except (ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
             return {"error": f"{self.path} line {line_no}: {e}", "id": default_id}

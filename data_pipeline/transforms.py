@@ -13,50 +13,16 @@ A record that cannot become an example (missing or corrupt file, placeholder mis
 truncation, too many vision patches) becomes `{"error": reason, "id": ...}`: the batcher counts and skips it."""
 from __future__ import annotations
 
-import io
 import os
-from typing import Any
 
 import grain
 import numpy as np
-from etils import epath
 
 from qwen2vl_jax.processing import Processor
-from qwen2vl_jax.processing.chat import DEFAULT_SYSTEM_PROMPT, is_image_item, is_video_item
 from qwen2vl_jax.processing.image import preprocess_image
 from qwen2vl_jax.processing.loading import load_image
-from qwen2vl_jax.processing.video import preprocess_video
 from qwen2vl_jax.rope import get_rope_index
 from qwen2vl_jax.inputs import IGNORE
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-def read_bytes(ref: Any) -> Any:
-    """A path (local or gs://) → its bytes; anything else (bytes, PIL, arrays) is returned as is."""
-    if isinstance(ref, (str, os.PathLike)) and not str(ref).startswith("data:"):
-        path = epath.Path(ref)
-        if not path.exists():
-            raise FileNotFoundError(f"file not found: {os.fspath(ref)!r}")
-        return path.read_bytes()
-    return ref
-
-
-def load_video_frames(ref: Any) -> list:
-    """A folder of frame images (sorted by name), a .npy uint8[T, H, W, 3], or an array / list of frames → frames
-    (already sampled; see qwen2vl_jax.processing.sample_video_frames for raw videos)."""
-    if isinstance(ref, (str, os.PathLike)):
-        path = epath.Path(ref)
-        if path.is_dir():
-            names = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not names:
-                raise ValueError(f"video folder {os.fspath(ref)!r} holds no frame images ({', '.join(IMAGE_SUFFIXES)})")
-            return [load_image(p.read_bytes()) for p in names]
-        if path.suffix == ".npy":
-            return list(np.load(io.BytesIO(read_bytes(ref))))
-        raise ValueError(f"video {os.fspath(ref)!r}: pass a folder of frames or a .npy uint8[T, H, W, 3]; "
-                         "no video decoder is installed — extract frames first")
-    return ref
 
 
 class ToExample(grain.transforms.Map):
@@ -71,6 +37,7 @@ class ToExample(grain.transforms.Map):
         self.ids = {name: tok.token_to_id(token) for name, token in (
             ("start", "<|vision_start|>"), ("end", "<|vision_end|>"), ("image", "<|image_pad|>"),
             ("video", "<|video_pad|>"), ("im_end", "<|im_end|>"))}
+        self.vision_ids = np.array([self.ids[k] for k in ("start", "end", "image", "video")], np.int32)
 
     def map(self, record: dict) -> dict:
         rid = record.get("id", "?")
@@ -82,11 +49,10 @@ class ToExample(grain.transforms.Map):
             return {"error": f"{type(e).__name__}: {e}", "id": rid}
 
     def _example(self, record: dict) -> dict:
-        images = [with_name(r, lambda r: preprocess_image(load_image(read_bytes(r)),
+        images = [with_name(r, lambda r: preprocess_image(load_image(r),
                                                        **self.processor.image_options.kwargs()))
                   for r in record.get("images", [])]
-        videos = [with_name(r, lambda r: preprocess_video(load_video_frames(r), **self.processor.video_options.kwargs()))
-                  for r in record.get("videos", [])]
+        videos = [with_name(r, self.processor.preprocess_video) for r in record.get("videos", [])]
         ids, labels = self._tokens(record["messages"], [g for _, g in images], [g for _, g in videos])
         ids, labels, n_images, n_videos = self._truncate(ids, labels)
         images, videos = images[:n_images], videos[:n_videos]
@@ -110,42 +76,40 @@ class ToExample(grain.transforms.Map):
                     image_grid_thw=image_grid, video_grid_thw=video_grid)
 
     def _tokens(self, messages: list, image_grids: list, video_grids: list) -> tuple[np.ndarray, np.ndarray]:
-        """The chat template's token ids with vision placeholders expanded, and labels on assistant turns."""
+        """The processor's chat template rendered whole (add_generation_prompt=False) and tokenized once, vision pads
+        expanded, labels on the assistant turns → (ids int32[L], labels int32[L]); the ids are always
+        `processor(messages, images, videos, add_generation_prompt=False)["input_ids"][0]`.
+
+        A token is learned when its characters overlap an assistant span of the rendered text (see
+        ChatTemplate.render_with_assistant_spans): a token BPE merged across a span edge (e.g. "\\n\\n" from the
+        template's "assistant\\n" and content starting with "\\n") is learned, since the model must produce the
+        span's part of it. Vision tokens are never learned."""
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-        encode, merge2 = self.processor.tokenizer.encode, self.processor.image_options.merge_size ** 2
-        grids = {"image": iter(image_grids), "video": iter(video_grids)}
-        counts = {"image": len(image_grids), "video": len(video_grids)}
-        ids, learn = [], []
-
-        def add(tokens, labelled=False):
-            ids.extend(tokens)
-            learn.extend([labelled] * len(tokens))
-
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or "role" not in message or "content" not in message:
                 raise ValueError(f"message {i} must be a dict with 'role' and 'content'")
-            if i == 0 and message["role"] != "system":
-                add(encode(f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"))
-            add(encode(f"<|im_start|>{message['role']}\n"))
-            assistant = message["role"] == "assistant"
-            content = message["content"]
-            for item in [{"type": "text", "text": content}] if isinstance(content, str) else content:
-                kind = "image" if is_image_item(item) else "video" if is_video_item(item) else None
-                if kind is None:
-                    add(encode(str(item.get("text", ""))), assistant)
-                    continue
-                grid = next(grids[kind], None)
-                if grid is None:
-                    raise ValueError(f"the messages hold more {kind} items than the {counts[kind]} {kind}(s) given")
-                add([self.ids["start"]] + [self.ids[kind]] * (int(np.prod(grid)) // merge2) + [self.ids["end"]])
-            add([self.ids["im_end"]], assistant)
-            add(encode("\n"))
-        for kind in grids:
-            if next(grids[kind], None) is not None:
-                raise ValueError(f"{counts[kind]} {kind}(s) given but the messages reference fewer")
+        text, spans = self.processor.chat_template.render_with_assistant_spans(messages)
+        ids, offsets = self.processor.tokenizer.encode_with_offsets(text)
         ids = np.asarray(ids, np.int32)
-        return ids, np.where(np.asarray(learn, bool), ids, IGNORE).astype(np.int32)
+        learn = _overlaps(np.asarray(offsets, np.int64).reshape(-1, 2), spans) & ~np.isin(ids, self.vision_ids)
+        ids, learn = self._expand_pads(ids, learn, image_grids, video_grids)
+        return ids, np.where(learn, ids, IGNORE).astype(np.int32)
+
+    def _expand_pads(self, ids: np.ndarray, learn: np.ndarray, image_grids: list, video_grids: list
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Repeat the n-th `<|image_pad|>` id image_grids[n].prod() / merge² times (videos likewise), as the
+        Processor expands the text (special tokens are atomic, so this equals tokenizing the expanded string)."""
+        repeats = np.ones(len(ids), np.int64)
+        for kind, grids, options in (("image", image_grids, self.processor.image_options),
+                                     ("video", video_grids, self.processor.video_options)):
+            where = np.flatnonzero(ids == self.ids[kind])
+            if len(where) > len(grids):
+                raise ValueError(f"the messages hold more {kind} items than the {len(grids)} {kind}(s) given")
+            if len(where) < len(grids):
+                raise ValueError(f"{len(grids)} {kind}(s) given but the messages reference fewer")
+            repeats[where] = [int(np.prod(g)) // options.merge_size ** 2 for g in grids]
+        return np.repeat(ids, repeats), np.repeat(learn, repeats)
 
     def _truncate(self, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Cut to max_length, moving the cut before a vision run it would split; → (ids, labels, images kept,
@@ -171,6 +135,16 @@ def with_name(ref, fn):
         if isinstance(ref, (str, os.PathLike)) and os.fspath(ref) not in str(e):
             raise type(e)(f"{os.fspath(ref)}: {e}") from e
         raise
+
+
+def _overlaps(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """offsets int[L, 2] (character [start, end) of each token) → bool[L]: the token overlaps one of `spans`
+    (an empty-offset token counts as one character wide)."""
+    starts, ends = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)
+    hit = np.zeros(len(offsets), bool)
+    for start, end in spans:
+        hit |= (starts < end) & (ends > start)
+    return hit
 
 
 def _runs(ids: np.ndarray, token: int) -> int:

@@ -7,16 +7,18 @@
 Specs: `PATH.jsonl` / `jsonl:PATH[?root=DIR]` — one sample per line, either
 `{"id", "question", "image": "rel/path.png" | "video": "frames/" , "answers": [...], "box": [x1, y1, x2, y2]}` or
 `{"id", "messages": [user turn(s)], "answers": [...]}` (media paths relative to the root, default the file's folder,
-and confined to it); `tfds:NAME[:SPLIT]` — a tfds ArrayRecord set with the training sources' schema (the demo set:
-the user turn is the question, "answer" the reference)."""
+and confined to it; a gs:// file's root is its gs:// folder, and remote media URLs pass through);
+`tfds:NAME[:SPLIT]` — a tfds ArrayRecord set with the training sources' schema (the demo set: the user turn is the
+question, "answer" the reference)."""
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 
 from etils import epath
 
-from data_pipeline.sources import RecordError, TfdsSource, confined_path
+from data_pipeline.sources import RecordError, TfdsSource, _is_remote, confined_path
 
 
 class JsonlEvalSource:
@@ -25,8 +27,8 @@ class JsonlEvalSource:
         if not epath.Path(path).exists():
             raise FileNotFoundError(f"evaluation data {path!r} does not exist")
         self.lines = epath.Path(path).read_text().splitlines()
-        self.root = root or os.path.dirname(os.path.abspath(path))
-        self.root_real = os.path.realpath(self.root)
+        self.root = root or default_root(path)
+        self.root_real = None if _is_remote(self.root) else os.path.realpath(self.root)  # no symlinks remotely
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -72,6 +74,13 @@ class TfdsEvalSource:
         messages = [m for m in record["messages"] if m.get("role") != "assistant"]
         return {"index": i, "id": record["id"], "messages": messages, "images": record.get("images", []),
                 "videos": record.get("videos", []), "answers": answers}
+
+
+def default_root(path: str) -> str:
+    """The folder of the JSONL file: posix-style for a remote one (gs://bucket/dir), absolute for a local one."""
+    if _is_remote(path):
+        return posixpath.dirname(path.rstrip("/"))
+    return os.path.dirname(os.path.abspath(path))
 
 
 def user_turn(question: str, images: int, videos: int) -> dict:

@@ -3,36 +3,16 @@
     qwen2vl-generate --checkpoint qwen2vl-2b/ --image cat.jpg --prompt "What is in the picture?"
 
 The folder is one written by qwen2vl-convert (or a Hugging Face folder): weights, config.json, tokenizer.json and
-preprocessor_config.json. --video takes a folder of frame images (already sampled, in name order) or a .npy array
-uint8[T, H, W, 3]; decode video files to frames first (e.g. `ffmpeg -i clip.mp4 -vf fps=2 frames/%04d.jpg`)."""
+preprocessor_config.json. --video takes a video file (mp4, webm, mkv, mov, avi, gif, ...: decoded with PyAV and
+sampled at 2 fps as qwen-vl-utils does), a folder of frame images (already sampled, in name order) or a .npy array
+uint8[T, H, W, 3]."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-import numpy as np
-
 from evaluation.serving import DEFAULT_MESH, add_model_flags, open_model
-
-
-def load_video_frames(path: str) -> np.ndarray:
-    """uint8[T, H, W, 3] from a folder of frames or a .npy file; ValueError naming the path otherwise."""
-    from qwen2vl_jax.processing.loading import load_image
-
-    if os.path.isdir(path):
-        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
-        if not names:
-            raise ValueError(f"--video {path}: the folder holds no frames")
-        return np.stack([np.asarray(load_image(os.path.join(path, n))) for n in names])
-    if path.endswith(".npy"):
-        frames = np.load(path)
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"--video {path}: expected uint8[T, H, W, 3], got {frames.dtype}{list(frames.shape)}")
-        return frames
-    raise ValueError(f"--video {path}: give a folder of frame images or a .npy array; decode video files to frames "
-                     "first (ffmpeg -i clip.mp4 -vf fps=2 frames/%04d.jpg)")
 
 
 def answer(checkpoint: str, prompt: str, image: str | None = None, video: str | None = None, *,
@@ -48,7 +28,7 @@ def answer(checkpoint: str, prompt: str, image: str | None = None, video: str | 
     content = ([{"type": "image"}] if image else []) + ([{"type": "video"}] if video else [])
     messages = [{"role": "user", "content": content + [{"type": "text", "text": prompt}]}]
     batch = processor(messages, images=[image] if image else None,
-                      videos=[load_video_frames(video)] if video else None)
+                      videos=[video] if video else None)
     with model.context():
         tokens = qwen2vl_jax.generate(model.config, model.params, batch, max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -61,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, help="folder from qwen2vl-convert, or a Hugging Face folder")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--image", help="image file")
-    parser.add_argument("--video", help="folder of frames or .npy uint8[T, H, W, 3]")
+    parser.add_argument("--video", help="video file, folder of frames or .npy uint8[T, H, W, 3]")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, help="0: greedy (default: the checkpoint's "
                                                            "generation_config.json, else greedy)")

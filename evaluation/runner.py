@@ -4,19 +4,33 @@ Each process takes every process_count-th sample (data parallel over hosts) and 
 devices (`--mesh`, default data=-1: each batch split over every local device; `tensor=N` splits the weights, for
 models one device cannot hold). It prepares each sample with the checkpoint's Processor, generates greedily through
 `qwen2vl_jax.generation.generate_many` (bucketed shapes; samples are sorted by size within a chunk so a batch holds
-similar shapes) and appends one line per sample to
-`OUT.part<process>` as soon as its batch is done (flushed: a killed run loses at most the batch in flight). At the
-end process 0 merges every part and any earlier OUT into OUT in input order — so an interrupted run, rerun with the
-same --out, ends with the file an uninterrupted run writes — and writes OUT's summary (`preds.summary.json`).
+similar shapes) and writes one line per sample to
+its part `OUT.part<process>` after each chunk (a killed run loses at most the chunk in flight):
+
+- a local OUT: the part is appended to, flushed and fsynced;
+- a remote OUT (gs://, s3://; object stores have neither append nor fsync): the part is appended to a file in a
+  local work folder (flushed and fsynced) and that file is copied whole to `OUT.part<process>` after every chunk.
+  An object is written all or nothing, so a kill leaves the previous chunk's copy, and a rerun resumes from it.
+
+A process that has written all its samples leaves `OUT.part<process>.done` (its line count and host). At the end
+process 0 waits for every process, checks that every `.done` marker and part is visible to it — OUT must be on
+storage every host sees (a shared filesystem or gs://); on a host's own disk the others' parts are not there, and
+that is an error, never a silently shorter file — then merges every part and any earlier OUT into OUT in input
+order (so an interrupted run, rerun with the same --out, ends with the file an uninterrupted run writes) and writes
+OUT's summary (`preds.summary.json`).
 
 Output line: {"index", "id", "prompt", "prediction", "answers", "score", "error"}; a sample that cannot run (missing
 or corrupt image, empty question, too long) gets its error, score null, and the run goes on."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import socket
 import sys
+import tempfile
 import time
 
 import jax
@@ -24,7 +38,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from data_pipeline.sources import question_text
+from data_pipeline.sources import _is_remote, question_text
 from evaluation.data import open_eval_source
 from evaluation.serving import DEFAULT_MESH, add_model_flags, open_model
 from evaluation.metrics import METRICS
@@ -40,6 +54,78 @@ MAX_NEW_TOKENS = {"vqa": 16, "docvqa": 32, "chartqa": 16, "refcoco": 32, "exact"
 
 def summary_path(out: str) -> str:
     return out[:-len(".jsonl")] + ".summary.json" if out.endswith(".jsonl") else out + ".summary.json"
+
+
+def part_path(out: str, rank: int) -> str:
+    return f"{out}.part{rank}"
+
+
+def done_path(out: str, rank: int) -> str:
+    return f"{out}.part{rank}.done"
+
+
+class PartWriter:
+    """This process's output lines, kept where a rerun resumes from (see the module docstring): appended to
+    OUT.part<rank> when OUT is local, else to a local work file copied whole to OUT.part<rank> after each chunk."""
+
+    def __init__(self, out: str, rank: int):
+        self.out, self.rank = out, rank
+        self.part = epath.Path(part_path(out, rank))
+        self.remote = _is_remote(out)
+        epath.Path(done_path(out, rank)).unlink(missing_ok=True)  # the marker says "this run wrote them all"
+        self.kept = read_lines(self.part)
+        kept = "".join(json.dumps(line) + "\n" for line in self.kept)
+        self.count = len(self.kept)
+        self.workdir = tempfile.mkdtemp(prefix="qwen2vl-eval-") if self.remote else None
+        local = os.path.join(self.workdir, self.part.name) if self.remote else os.fspath(self.part)
+        if self.remote or (os.path.exists(local) and _read(local) != kept):
+            write_whole(local, kept)  # a line cut off by a kill is dropped, so the next one starts on a new line
+        self.sink = open(local, "a")
+
+    def write(self, lines: list[dict]) -> None:
+        """Appends `lines` and makes them durable where OUT is (a chunk at a time)."""
+        self.sink.write("".join(json.dumps(line) + "\n" for line in lines))
+        self.sink.flush()
+        os.fsync(self.sink.fileno())
+        self.count += len(lines)
+        if self.remote:
+            self.part.write_text(_read(self.sink.name))
+
+    def finish(self) -> None:
+        """Closes the part and leaves its .done marker (line count and host) beside it."""
+        self.sink.close()
+        if self.remote:
+            self.part.write_text(_read(self.sink.name))
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        marker = {"rank": self.rank, "lines": self.count, "host": socket.gethostname(), "part": os.fspath(self.part)}
+        epath.Path(done_path(self.out, self.rank)).write_text(json.dumps(marker))
+
+    def close(self) -> None:
+        """Closes without a marker (the run was interrupted)."""
+        if not self.sink.closed:
+            self.sink.close()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def write_whole(path, text: str) -> None:
+    """`text` as the whole of `path`, never half written: an object store's write is atomic; a local file goes
+    through a fsynced temporary file and a rename."""
+    path = os.fspath(path)
+    if _is_remote(path):
+        epath.Path(path).write_text(text)
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_lines(path) -> list[dict]:
@@ -58,7 +144,7 @@ def read_lines(path) -> list[dict]:
 
 def prepare(processor, sample: dict, task: str) -> tuple[dict | None, str, str | None]:
     """sample → (generate request or None, prompt text, error or None)."""
-    from data_pipeline.transforms import load_video_frames, read_bytes, with_name
+    from data_pipeline.transforms import with_name
     from qwen2vl_jax.processing.loading import load_image
 
     if "error" in sample:
@@ -75,8 +161,8 @@ def prepare(processor, sample: dict, task: str) -> tuple[dict | None, str, str |
                            else list(content) + [{"type": "text", "text": suffix}])
     prompt = question + suffix
     try:
-        images = [with_name(r, lambda r: load_image(read_bytes(r))) for r in sample["images"]]
-        videos = [with_name(r, load_video_frames) for r in sample["videos"]]
+        images = [with_name(r, load_image) for r in sample["images"]]  # paths, gs://, http(s), data: URIs
+        videos = list(sample["videos"])  # paths or qwen-vl-utils items: the processor decodes and samples them
         batch = processor([messages], images=images or None, videos=videos or None)
     except (ValueError, OSError, TypeError) as e:
         return None, prompt, f"{type(e).__name__}: {e}"
@@ -101,13 +187,13 @@ def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int
     model = open_model(checkpoint, mesh, dtype)
     source = open_eval_source(data, data_dir)
     total = len(source) if limit is None else min(limit, len(source))
-    part = epath.Path(f"{out}.part{rank}")
-    done = {line["index"] for line in read_lines(out) + read_lines(part)}
+    sink = PartWriter(out, rank)
+    done = {line["index"] for line in read_lines(out) + sink.kept}
     todo = [i for i in range(rank, total, ranks) if i not in done]
     score = METRICS[task]
     eos = processor.tokenizer.eos_token_ids
     start, processed = time.perf_counter(), 0
-    with CompileCounter() as compiles, part.open("a") as sink, \
+    with CompileCounter() as compiles, contextlib.closing(sink), \
             tqdm(total=len(range(rank, total, ranks)), initial=len(range(rank, total, ranks)) - len(todo),
                  desc=f"eval {task}", unit="sample", disable=rank != 0) as bar:
         for at in range(0, len(todo), chunk):
@@ -121,6 +207,7 @@ def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int
                                                            [prepared[k][0] for k in runnable], batch_size=batch_size,
                                                            max_new_tokens=max_new_tokens, temperature=0.0,
                                                            eos_token_ids=eos)))
+            written = []
             for k, (sample, (_, prompt, error)) in enumerate(zip(samples, prepared)):
                 result = results.get(k)
                 if isinstance(result, Exception):
@@ -134,11 +221,11 @@ def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int
                         error = f"cannot score: {e}"
                 line = {"index": sample["index"], "id": sample["id"], "prompt": prompt, "prediction": prediction,
                         "answers": sample.get("answers"), "score": value, "error": error}
-                sink.write(json.dumps(line) + "\n")
-            sink.flush()
-            os.fsync(sink.fileno())
+                written.append(line)
+            sink.write(written)
             processed += len(samples)
             bar.update(len(samples))
+        sink.finish()
     seconds = time.perf_counter() - start
     stats = {"samples_per_s": processed / seconds if processed else None, "compiles": dict(compiles.names)}
     if ranks > 1:
@@ -151,21 +238,41 @@ def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int
     return merge(out, ranks, task, total, stats)
 
 
+def check_parts(out: str, ranks: int) -> list[list[dict]]:
+    """Every process's part lines, once its .done marker and all the lines it counts are visible here; else a
+    FileNotFoundError saying that OUT must be on storage every host sees."""
+    parts, unseen = [], []
+    for r in range(ranks):
+        marker = epath.Path(done_path(out, r))
+        lines = read_lines(part_path(out, r))
+        if not marker.exists():
+            unseen.append(f"process {r}: no {marker}")
+        elif len(lines) < (count := json.loads(marker.read_text())["lines"]):
+            unseen.append(f"process {r}: {part_path(out, r)} holds {len(lines)} of its {count} lines")
+        parts.append(lines)
+    if unseen:
+        raise FileNotFoundError(
+            f"process 0 cannot see every process's predictions ({'; '.join(unseen)}). Each process writes "
+            f"{out}.part<process> beside --out, so --out must be on storage all hosts see (a shared "
+            "filesystem or gs://); the missing parts are at that path on their own hosts. Copy them beside "
+            f"{out} and rerun the same command to merge, or rerun with --out on shared storage")
+    return parts
+
+
 def merge(out: str, ranks: int, task: str, total: int, stats: dict) -> dict:
     """Every part + the earlier OUT → OUT in input order (atomic), and the summary beside it."""
-    lines = {line["index"]: line for path in [out] + [f"{out}.part{r}" for r in range(ranks)]
-             for line in read_lines(path)}
+    parts = check_parts(out, ranks)
+    lines = {line["index"]: line for part in [read_lines(out)] + parts for line in part}
     ordered = [lines[i] for i in sorted(lines)]
-    tmp = epath.Path(out + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in ordered))
-    tmp.rename(out)
+    write_whole(out, "".join(json.dumps(line) + "\n" for line in ordered))
     for r in range(ranks):
-        epath.Path(f"{out}.part{r}").unlink(missing_ok=True)
+        epath.Path(part_path(out, r)).unlink(missing_ok=True)
+        epath.Path(done_path(out, r)).unlink(missing_ok=True)
     scored = [line["score"] for line in ordered if line["error"] is None]
     summary = {"task": task, "metric": METRIC_NAMES[task], "value": float(np.mean(scored)) if scored else None,
                "samples": len(ordered), "of": total, "scored": len(scored), "errors": len(ordered) - len(scored),
                **stats}
-    epath.Path(summary_path(out)).write_text(json.dumps(summary, indent=2))
+    write_whole(summary_path(out), json.dumps(summary, indent=2))
     return summary
 
 

@@ -100,7 +100,8 @@ def test_bad_samples_are_skipped_counted_and_never_crash(demo, tmp_path, caplog)
     kept = [i for b in batches for row in b["example_ids"] for i in row]
     assert len(kept) == 6 and len(set(kept)) == 6
     assert caplog.text.count("skipping sample") == 5
-    for reason in ("nope.png", "corrupt.png: cannot read image", "no assistant tokens", "no matching", "line 8"):
+    corrupt = "cannot read image '" + str(tmp_path / "images" / "corrupt.png")
+    for reason in ("nope.png", corrupt, "no assistant tokens", "no matching", "line 8"):
         assert reason in caplog.text
 
 

@@ -64,7 +64,7 @@ def test_answers_about_an_image_and_a_video_like_transformers(checkpoint, capsys
     assert capsys.readouterr().out == _transformers_answer(folder, model, "Describe the video.", frames=frames) + "\n"
 
 
-def test_a_video_file_is_refused_with_what_to_do(checkpoint):
+def test_a_missing_video_file_is_named(checkpoint):
     folder, _ = checkpoint
-    with pytest.raises(SystemExit, match="decode video files to frames first"):
+    with pytest.raises(SystemExit, match="video file not found: 'clip.mp4'"):
         main(["--checkpoint", str(folder), "--video", "clip.mp4", "--prompt", "hi"])

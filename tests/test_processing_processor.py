@@ -143,7 +143,7 @@ def test_from_pretrained_reads_both_config_layouts(tmp_path, layout):
     assert options.image_mean == (0.48145466, 0.4578275, 0.40821073)
     # videos keep the qwen-vl-utils bounds unless video_preprocessor_config.json says otherwise
     assert (processor.video_options.min_pixels, processor.video_options.max_pixels) == (128 * 784, 768 * 784)
-    assert processor.video_options.total_pixels == 24576 * 784
+    assert processor.video_options.total_pixels == 115200 * 784  # qwen-vl-utils 0.0.14's 0.9·128000·28²
     _, grid = preprocess_image(noise(1000, 1000, 9), options.min_pixels, options.max_pixels)
     assert processor(CONVERSATIONS[0], images=[noise(1000, 1000, 9)])["image_grid_thw"].tolist() == [grid.tolist()]
 

@@ -17,7 +17,7 @@ from qwen2vl_jax.processing import (
     video_frame_indices,
     video_frame_size,
 )
-from qwen2vl_jax.processing.video import num_sampled_frames
+from qwen2vl_jax.processing.video import QWEN2VL_RELEASE_TOTAL_PIXELS, num_sampled_frames
 
 
 def frames(t, h, w, seed=0):
@@ -76,10 +76,13 @@ def test_sample_video_frames_keeps_container():
 def test_frame_size_budget():
     # 4 frames: per-frame cap 768·28² wins
     assert video_frame_size(4, 1080, 1920) == (560, 1008)
-    # 100 frames: 24576·28² / 100 · 2 = 385351.68 per frame
-    assert video_frame_size(100, 1080, 1920) == (448, 812)
+    # 768 frames, default budget 115200·28²: 115200·28² / 768 · 2 = 300·28² per frame
+    assert video_frame_size(768, 1080, 1920) == (336, 644)
+    # the release budget 24576·28², 100 frames: 24576·28² / 100 · 2 = 385351.68 per frame
+    release = QWEN2VL_RELEASE_TOTAL_PIXELS
+    assert video_frame_size(100, 1080, 1920, total_pixels=release) == (448, 812)
     # 768 frames: the budget falls under 1.05·min_pixels, which then wins (floors may land below min)
-    assert video_frame_size(768, 1080, 1920) == (224, 420)
+    assert video_frame_size(768, 1080, 1920, total_pixels=release) == (224, 420)
     # no whole-video budget: only the per-frame cap
     assert video_frame_size(768, 1080, 1920, total_pixels=None) == (560, 1008)
     # small frames are scaled up to min_pixels = 128·28²

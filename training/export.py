@@ -14,8 +14,9 @@ from qwen2vl_jax.checkpoint.convert import FORMAT_VERSION
 from qwen2vl_jax.checkpoint.load import FORMAT_FILE, PARAMS_DIR
 from qwen2vl_jax.config import Qwen2VLConfig
 
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json",
-              "video_preprocessor_config.json", "generation_config.json", "vocab.json", "merges.txt")
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+              "preprocessor_config.json", "video_preprocessor_config.json", "generation_config.json", "vocab.json",
+              "merges.txt")
 
 
 def export_params(directory: str, config: Qwen2VLConfig, params, tokenizer_dir: str | None,

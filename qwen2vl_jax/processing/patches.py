@@ -36,11 +36,21 @@ def normalize_frames(
     frames = np.asarray(frames)
     if frames.ndim != 4:
         raise ValueError(f"expected frames of shape [T, H, W, C], got shape {frames.shape}")
-    x = (frames.astype(np.float64) * rescale_factor).astype(np.float32)
     mean = np.asarray(image_mean, dtype=np.float32)
     std = np.asarray(image_std, dtype=np.float32)
-    x = (x - mean) / std  # broadcast over the trailing channel axis
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    if frames.dtype == np.uint8:  # a 256-entry table per channel, same arithmetic: same bits, ~10x faster
+        table = _normalize(np.arange(256, dtype=np.uint8)[:, None], rescale_factor, mean, std)  # [256, C]
+        t, h, w, c = frames.shape
+        out = np.empty((t, c, h, w), np.float32)
+        for k in range(c):
+            np.take(np.ascontiguousarray(table[:, k]), frames[..., k], out=out[:, k])
+        return out
+    return np.ascontiguousarray(_normalize(frames, rescale_factor, mean, std).transpose(0, 3, 1, 2))
+
+
+def _normalize(x: np.ndarray, rescale_factor: float, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """[..., C] → float32[..., C]: float64 rescale, float32 cast, float32 (x − mean) / std."""
+    return ((x.astype(np.float64) * rescale_factor).astype(np.float32) - mean) / std
 
 
 def patchify(

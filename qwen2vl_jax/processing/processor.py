@@ -19,11 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from qwen2vl_jax.processing.chat import apply_chat_template, expand_vision_placeholders, is_image_item, is_video_item
+from qwen2vl_jax.processing.chat import ChatTemplate, expand_vision_placeholders, is_image_item, is_video_item
 from qwen2vl_jax.processing.image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, preprocess_image
 from qwen2vl_jax.processing.patches import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, RESCALE_FACTOR
 from qwen2vl_jax.processing.tokenizer import Qwen2VLTokenizer
-from qwen2vl_jax.processing.video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VIDEO_TOTAL_PIXELS, preprocess_video
+from qwen2vl_jax.processing.video import (
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+    VIDEO_PIXEL_KEYS,
+    VIDEO_TOTAL_PIXELS,
+    fetch_video,
+    preprocess_video,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +96,8 @@ def _as_batch(inputs: Any) -> tuple[list[Any], bool]:
 
 
 def _media_in_conversations(conversations: list[list[Mapping[str, Any]]], kind: str) -> list[Any]:
-    """The `item[kind]` sources of image/video items, in order (items without a source are skipped)."""
+    """The `item["image"]` sources of image items / the whole video items (their options travel with them), in
+    order; items without a source are skipped."""
     test = is_image_item if kind == "image" else is_video_item
     found = []
     for conversation in conversations:
@@ -97,29 +105,40 @@ def _media_in_conversations(conversations: list[list[Mapping[str, Any]]], kind: 
             content = message.get("content")
             if isinstance(content, str) or content is None:
                 continue
-            found += [item[kind] for item in content if test(item) and item.get(kind) is not None]
+            items = [item for item in content if test(item) and item.get(kind) is not None]
+            found += items if kind == "video" else [item[kind] for item in items]
     return found
 
 
 class Processor:
-    """Tokenizer + image/video options; call it to build a model batch."""
+    """Tokenizer + image/video options + chat template; call it to build a model batch.
+
+    chat_template: a ChatTemplate, a Jinja source string, or None for the built-in Qwen2-VL template."""
 
     def __init__(
         self,
         tokenizer: Qwen2VLTokenizer,
         image_options: VisionOptions | None = None,
         video_options: VisionOptions | None = None,
+        chat_template: ChatTemplate | str | None = None,
     ):
         self.tokenizer = tokenizer
         self.image_options = image_options or VisionOptions()
         self.video_options = video_options or DEFAULT_VIDEO_OPTIONS
+        if chat_template is None:
+            chat_template = ChatTemplate()
+        elif isinstance(chat_template, str):
+            chat_template = ChatTemplate(chat_template, "the chat_template string passed to Processor")
+        self.chat_template = chat_template
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Processor:
-        """Folder with tokenizer.json and preprocessor_config.json (video_preprocessor_config.json optional).
+        """Folder with tokenizer.json and preprocessor_config.json (video_preprocessor_config.json optional);
+        the chat template is the folder's own (see ChatTemplate.from_pretrained; built-in Qwen2-VL without one).
 
         Without video_preprocessor_config.json, videos take the patch/normalize settings of
-        preprocessor_config.json and the qwen-vl-utils pixel bounds (128·28² .. 768·28², 24576·28² total).
+        preprocessor_config.json and the qwen-vl-utils 0.0.14 pixel bounds (128·28² .. 768·28² per frame,
+        VIDEO_TOTAL_PIXELS = 0.9·128000·28² per video).
         """
         from etils import epath  # local or gs://
 
@@ -135,10 +154,13 @@ class Processor:
         video_path = path / "video_preprocessor_config.json"
         if video_path.is_file():
             video_options = VisionOptions.from_config(json.loads(video_path.read_text()), video_options)
-        return cls(tokenizer, image_options, video_options)
+        return cls(tokenizer, image_options, video_options, ChatTemplate.from_pretrained(path))
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        return apply_chat_template(messages, add_generation_prompt)
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        """One conversation → the prompt string, by this processor's chat template (kwargs: template variables)."""
+        return self.chat_template.render(messages, add_generation_prompt, **kwargs)
 
     def preprocess_images(self, images: Sequence[Any]) -> dict[str, np.ndarray]:
         """Images → {"pixel_values": float32[N, 1176], "image_grid_thw": int64[n, 3]}."""
@@ -146,9 +168,19 @@ class Processor:
         return {"pixel_values": np.concatenate(rows), "image_grid_thw": np.stack(grids)}
 
     def preprocess_videos(self, videos: Sequence[Any]) -> dict[str, np.ndarray]:
-        """Sampled videos → {"pixel_values_videos": float32[M, 1176], "video_grid_thw": int64[n, 3]}."""
-        rows, grids = zip(*(preprocess_video(video, **self.video_options.kwargs()) for video in videos))
+        """Videos (see preprocess_video) → {"pixel_values_videos": float32[M, 1176], "video_grid_thw": int64[n, 3]}."""
+        rows, grids = zip(*(self.preprocess_video(video) for video in videos))
         return {"pixel_values_videos": np.concatenate(rows), "video_grid_thw": np.stack(grids)}
+
+    def preprocess_video(self, video: Any) -> tuple[np.ndarray, np.ndarray]:
+        """One video → (float32[M, 1176], grid_thw int64[3]): fetch_video (a file path, a qwen-vl-utils item dict,
+        a frame folder / .npy, an array or a list of frames), then the item's min_pixels / max_pixels /
+        total_pixels over video_options."""
+        frames, _ = fetch_video(video)
+        options = self.video_options.kwargs()
+        if isinstance(video, Mapping):
+            options.update({k: video[k] for k in VIDEO_PIXEL_KEYS if video.get(k) is not None})
+        return preprocess_video(frames, **options)
 
     def __call__(
         self,
@@ -161,9 +193,11 @@ class Processor:
     ) -> dict[str, np.ndarray]:
         """Build a batch. `inputs`: a text, texts, a conversation or conversations (templated here).
 
-        images: one image or a list (anything load_image takes); videos: a list of videos, each
-        uint8[T, H, W, 3] or a list of frames, already sampled (see sample_video_frames). When
-        conversations are given and images/videos are None, the items' "image"/"video" values are used.
+        images: one image or a list (anything load_image takes); videos: a list of videos, each a video file
+        path (decoded and sampled as qwen-vl-utils does), a qwen-vl-utils item dict ({"video": path, "fps": 1,
+        "max_pixels": ...}), a frame folder or .npy, uint8[T, H, W, 3] or a list of frames (already sampled).
+        When conversations are given and images/videos are None, the image items' "image" values and the
+        whole video items (with their fps / nframes / pixel options) are used.
         """
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -173,7 +207,7 @@ class Processor:
                 images = _media_in_conversations(items, "image")
             if videos is None:
                 videos = _media_in_conversations(items, "video")
-            texts = [apply_chat_template(c, add_generation_prompt) for c in items]
+            texts = [self.chat_template.render(c, add_generation_prompt) for c in items]
         else:
             texts = items
         if images is not None and not isinstance(images, (list, tuple)):

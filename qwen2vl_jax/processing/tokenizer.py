@@ -87,6 +87,13 @@ class Qwen2VLTokenizer:
         """text → token ids (no BOS/EOS added)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """text → (token ids, [(start, end)] character offsets of each token in `text`), no BOS/EOS added.
+
+        Several tokens of one character (byte-level pieces of e.g. an emoji) share that character's offsets."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
