@@ -28,7 +28,8 @@ def base() -> ml_collections.ConfigDict:
         loss_fractions=(0.125, 0.5, 1.0),  # LM head on f·B·L positions, the smallest f holding all targets
         pack=True, truncate=True, shuffle=True, num_epochs=None,  # None: repeat forever
         workers=8,  # grain worker processes decoding images (0: in the main process)
-        min_pixels=56 * 56, max_pixels=28 * 28 * 1024))
+        min_pixels=56 * 56, max_pixels=28 * 28 * 1024,  # images
+        video_total_pixels=0))  # pixels per video; 0 = the processor's (qwen-vl-utils 0.0.14: 0.9·128000·28²)
     c.optim = ml_collections.ConfigDict(dict(learning_rate=1e-5, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.95,
                                              clip_norm=1.0, grad_accum=1))
     c.checkpoint_every = 500

@@ -5,7 +5,8 @@
     iterator.get_state() / set_state()  # exact resume; orbax saves it via grain.checkpoint.CheckpointSave
 
 `data_config` fields (ml_collections or any attribute object): batch_size, length_buckets, vision_buckets, pack,
-truncate, num_epochs (None = forever), shuffle, workers (0 = in process), min_pixels, max_pixels."""
+truncate, num_epochs (None = forever), shuffle, workers (0 = in process), min_pixels, max_pixels,
+video_total_pixels (optional)."""
 from __future__ import annotations
 
 import grain
@@ -16,13 +17,16 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.processing import Processor
 
 
-def with_pixel_bounds(processor: Processor, min_pixels: int | None, max_pixels: int | None) -> Processor:
-    """The processor with the data config's image pixel bounds (None keeps the checkpoint's)."""
+def with_pixel_bounds(processor: Processor, min_pixels: int | None, max_pixels: int | None,
+                      video_total_pixels: int | None = None) -> Processor:
+    """The processor with the data config's image pixel bounds and per-video pixel budget (None keeps the
+    checkpoint's)."""
     import dataclasses
 
     bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    video = {"total_pixels": video_total_pixels} if video_total_pixels else {}
     return Processor(processor.tokenizer, dataclasses.replace(processor.image_options, **bounds),
-                     processor.video_options, processor.chat_template)
+                     dataclasses.replace(processor.video_options, **video), processor.chat_template)
 
 
 def check_token_ids(processor: Processor, config: Qwen2VLConfig) -> None:
@@ -44,7 +48,7 @@ def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, 
     `shard_ids` (default: all). Shard s reads records s, s + shards, … (shuffled with `seed`), so each process reads
     and decodes only its devices' share. `hosts`: a hosts.HostAgreement when several processes build one batch."""
     check_token_ids(processor, model_config)
-    processor = with_pixel_bounds(processor, data.min_pixels, data.max_pixels)
+    processor = with_pixel_bounds(processor, data.min_pixels, data.max_pixels, data.get("video_total_pixels"))
     layout = BatchLayout(rows=data.batch_size, lengths=tuple(data.length_buckets),
                          vision_rows=tuple(data.vision_buckets), pack=data.pack, config=model_config,
                          loss_fractions=tuple(data.get("loss_fractions", BatchLayout.loss_fractions)), shards=shards)
