@@ -129,3 +129,21 @@ def transformers_generate(model, cfg: Qwen2VLConfig, request: dict, new_tokens: 
     with torch.no_grad():
         out = model.generate(**kwargs, max_new_tokens=new_tokens, **options)
     return out[0, request["input_ids"].shape[1]:].numpy()
+
+
+def tiny_checkpoint(folder):
+    """A tiny random Qwen2-VL checkpoint (+ processor) whose greedy answers are readable tokens."""
+    import dataclasses
+
+    from qwen2vl_jax.processing.fixtures import write_tiny_processor
+
+    torch.manual_seed(0)
+    tiny = Qwen2VLConfig.preset("tiny")
+    config = hf_config(tiny.replace(text=dataclasses.replace(tiny.text, tie_word_embeddings=False)))
+    config.initializer_range = 0.2
+    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[400:] = 0
+    model.save_pretrained(folder)
+    write_tiny_processor(folder, max_pixels=28 * 28 * 16)
+    return folder

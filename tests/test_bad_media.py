@@ -1,7 +1,6 @@
 """Bad media never stops a run: http(s) / gs:// image loading (timeouts, size cap, HTTP errors), decompression bombs,
 and in training (ToExample → the batcher) and evaluation (runner.prepare → evaluate) every bad image or video is a
 counted skip or an error line naming its file, while the other samples come out exactly as in a run without it."""
-import dataclasses
 import http.server
 import io
 import json
@@ -23,6 +22,7 @@ from fake_gcs import gcs  # noqa: F401 (fixture)
 from qwen2vl_jax.processing.loading import fetch_url, load_image
 from training.train import model_and_processor
 from configs.demo_cpu import get_config
+from reference import tiny_checkpoint
 
 
 def png(array: np.ndarray) -> bytes:
@@ -332,25 +332,6 @@ def assert_tree_equal(a, b):
 # ---------------------------------------------------------------- evaluation
 
 
-def tiny_checkpoint(folder):
-    """A tiny random Qwen2-VL checkpoint (+ processor) whose greedy answers are readable tokens."""
-    import torch
-    import transformers
-
-    from qwen2vl_jax import Qwen2VLConfig
-    from qwen2vl_jax.processing.fixtures import write_tiny_processor
-    from reference import hf_config
-
-    torch.manual_seed(0)
-    tiny = Qwen2VLConfig.preset("tiny")
-    config = hf_config(tiny.replace(text=dataclasses.replace(tiny.text, tie_word_embeddings=False)))
-    config.initializer_range = 0.2
-    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight[400:] = 0
-    model.save_pretrained(folder)
-    write_tiny_processor(folder, max_pixels=28 * 28 * 16)
-    return folder
 
 
 def eval_lines(good: int, seed: int = 0) -> list[dict]:

@@ -1,6 +1,5 @@
 """qwen2vl-eval end to end on a tiny random checkpoint: one line per input (bad ones included), a kill -9 and a
 rerun end with the file of an uninterrupted run, and 2 processes give 1 process's predictions and summary."""
-import dataclasses
 import json
 import os
 import signal
@@ -9,13 +8,9 @@ import time
 
 import numpy as np
 import pytest
-import torch
-import transformers
 from PIL import Image
 
-from qwen2vl_jax import Qwen2VLConfig
-from qwen2vl_jax.processing.fixtures import write_tiny_processor
-from reference import hf_config
+from reference import tiny_checkpoint
 from test_multihost import free_port
 from test_train_cli import finish, start
 
@@ -27,15 +22,7 @@ BAD = {3: "nope.png", 7: "corrupt.png", 11: ""}  # index → missing file, corru
 def setup(tmp_path_factory):
     """(checkpoint folder, eval JSONL) — a tiny untied model whose answers are readable text."""
     folder = tmp_path_factory.mktemp("eval")
-    torch.manual_seed(0)
-    tiny = Qwen2VLConfig.preset("tiny")
-    config = hf_config(tiny.replace(text=dataclasses.replace(tiny.text, tie_word_embeddings=False)))
-    config.initializer_range = 0.2
-    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight[400:] = 0
-    model.save_pretrained(folder / "ckpt")
-    write_tiny_processor(folder / "ckpt", max_pixels=28 * 28 * 16)
+    tiny_checkpoint(folder / "ckpt")
     rng = np.random.default_rng(0)
     (folder / "img").mkdir()
     (folder / "img" / "corrupt.png").write_bytes(b"not a png")

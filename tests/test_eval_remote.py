@@ -117,7 +117,7 @@ def test_data_uris_and_remote_urls_pass_through_confined_path():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from test_bad_media import tiny_checkpoint
+    from reference import tiny_checkpoint
 
     return tiny_checkpoint(tmp_path_factory.mktemp("remote") / "ckpt")
 
