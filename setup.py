@@ -30,6 +30,7 @@ setup(
         "tensorboard==2.21.0",
         "matplotlib==3.11.2",
         "rapidfuzz==3.14.6",
+        "pyarrow==26.0.1",  # benchmark files: parquet:, hf: (save_to_disk Arrow folders)
         # video files (mp4, webm, mkv, mov, avi, gif): the wheels carry ffmpeg, so no system codec is needed
         "av==18.1.0",
     ],

@@ -9,16 +9,31 @@ Specs: `PATH.jsonl` / `jsonl:PATH[?root=DIR]` — one sample per line, either
 `{"id", "messages": [user turn(s)], "answers": [...]}` (media paths relative to the root, default the file's folder,
 and confined to it; a gs:// file's root is its gs:// folder, and remote media URLs pass through);
 `tfds:NAME[:SPLIT]` — a tfds ArrayRecord set with the training sources' schema (the demo set: the user turn is the
-question, "answer" the reference)."""
+question, "answer" the reference);
+`parquet:DIR_OR_GLOB[?root=DIR]` — every .parquet file under DIR (sorted), those matching the glob, or one file (local
+or gs://), one sample per row through the task's `sample_from_row` (media columns: Hugging Face Image structs
+{"bytes", "path"}, bytes, or paths relative to the root, default the files' folder); row groups are read when one of
+their rows is asked for, so opening a large benchmark reads only the files' footers;
+`hf:PATH[:SPLIT][?root=DIR]` — a local `datasets` `save_to_disk` folder (a Dataset, or a DatasetDict's SPLIT, default
+"test", then "validation"), its Arrow files memory-mapped, rows through the task as for parquet.
+
+A parquet / hf row the task cannot read (a missing column, a bad media cell) becomes
+{"index", "id", "error": "<file> row <n>: <reason>"} (n counts from 0 within the file), so the run reports it and
+goes on."""
 from __future__ import annotations
 
 import json
 import os
 import posixpath
 
+import pyarrow as pa
 from etils import epath
 
 from data_pipeline.sources import RecordError, TfdsSource, _is_remote, confined_path
+from evaluation import benchmark_files
+
+SPECS = ("PATH.jsonl, jsonl:PATH[?root=DIR], tfds:NAME[:SPLIT], parquet:DIR_OR_GLOB[?root=DIR] "
+         "or hf:PATH[:SPLIT][?root=DIR]")
 
 
 class JsonlEvalSource:
@@ -88,7 +103,77 @@ def user_turn(question: str, images: int, videos: int) -> dict:
     return {"role": "user", "content": content + [{"type": "text", "text": question}]}
 
 
-def open_eval_source(spec: str, data_dir: str | None = None):
+class TaskRowSource:
+    """Benchmark rows (`benchmark_files.ParquetRows` / `ArrowStreamRows`) → samples through `task.sample_from_row`."""
+
+    def __init__(self, rows, task, root: str | None, spec: str):
+        self.rows, self.task, self.root, self.spec = rows, task, root, spec
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:
+            i += len(self.rows)
+        file, n = self.rows.where(i)  # IndexError past the end
+        row = None
+        try:
+            row = self.rows[i]
+            sample = self.task.sample_from_row(row, i, self.root)
+        # a row the task cannot read (ValueError: RecordError, pyarrow's ArrowInvalid too); an OSError (a file that
+        # cannot be read now) is raised, so that a resumed run asks again rather than keeping an error line
+        except (KeyError, TypeError, ValueError, pa.ArrowNotImplementedError) as e:
+            reason = e.args[0] if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__
+            return {"index": i, "id": self._row_id(row, i), "error": f"{file} row {n}: {reason}"}
+        sample = dict(sample)
+        sample["index"], sample["id"] = i, str(sample.get("id", i))
+        return sample
+
+    def _row_id(self, row, i: int) -> str:
+        if isinstance(row, dict):
+            for column in self.task.fields.get("id", ("id",)):
+                if row.get(column) is not None:
+                    return str(row[column])
+        return str(i)
+
+    def close(self) -> None:
+        getattr(self.rows, "close", lambda: None)()
+
+
+def _split_root(spec: str) -> tuple[str, str | None]:
+    if "?root=" in spec:
+        path, root = spec.split("?root=", 1)
+        return path, root or None
+    return spec, None
+
+
+def _resolve_task(task, spec: str):
+    if task is None:
+        raise ValueError(f"--data {spec!r}: parquet and hf data need a task (--task) to turn rows into samples")
+    if isinstance(task, str):
+        from evaluation.tasks import get_task
+
+        return get_task(task)
+    return task
+
+
+def open_eval_source(spec: str, data_dir: str | None = None, task=None):
+    """--data SPEC → a source: len(source), source[i] → sample. `task` (a `Task` or its name) turns parquet / hf
+    rows into samples; JSONL and tfds sources keep their own sample shape and do not need one."""
+    if spec.startswith("parquet:"):
+        path, root = _split_root(spec[len("parquet:"):])
+        task = _resolve_task(task, spec)
+        files, default = benchmark_files.parquet_files(path)
+        return TaskRowSource(benchmark_files.ParquetRows(files), task, root or default, spec)
+    if spec.startswith("hf:"):
+        path, root = _split_root(spec[len("hf:"):])
+        task = _resolve_task(task, spec)
+        head, _, tail = path.rpartition(":")
+        split = None
+        if head and tail and "/" not in tail and not os.path.isdir(path):  # hf:PATH:SPLIT
+            path, split = head, tail
+        files, _ = benchmark_files.hf_saved_dataset(path, split)
+        return TaskRowSource(benchmark_files.ArrowStreamRows(files), task, root or os.path.dirname(files[0]), spec)
     if spec.startswith("tfds:"):
         name, _, split = spec[len("tfds:"):].partition(":")
         return TfdsEvalSource(name, split or "test", data_dir)
@@ -96,6 +181,6 @@ def open_eval_source(spec: str, data_dir: str | None = None):
     if "?root=" in path:
         path, root = path.split("?root=", 1)
     if not path.endswith(".jsonl"):
-        raise ValueError(f"--data {spec!r}: pass PATH.jsonl, jsonl:PATH[?root=DIR] or tfds:NAME[:SPLIT]")
+        raise ValueError(f"--data {spec!r}: pass {SPECS}")
     return JsonlEvalSource(path, root)
 

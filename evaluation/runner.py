@@ -1,5 +1,11 @@
 """Batched, resumable evaluation: `qwen2vl-eval --checkpoint DIR --data SPEC --task NAME --out preds.jsonl`.
 
+Several benchmarks in one process (one model load; programs compiled for one task are reused by the next):
+`qwen2vl-eval --checkpoint DIR --tasks docvqa,chartqa --data docvqa=parquet:/data/docvqa --data chartqa=SPEC
+--out results/` writes results/TASK.jsonl (+ TASK.summary.json) per task and one table, results/summary.md and
+summary.json. Tasks (prompt, answer extraction, metric, columns, max_new_tokens): evaluation/tasks/. `--scoring
+lenient` scores by this project's earlier, more forgiving rules instead of the benchmarks' (default official).
+
 Each process takes every process_count-th sample (data parallel over hosts) and runs one SPMD program over its
 devices (`--mesh`, default data=-1: each batch split over every local device; `tensor=N` splits the weights, for
 models one device cannot hold). It prepares each sample with the checkpoint's Processor, generates greedily through
@@ -41,16 +47,10 @@ from tqdm import tqdm
 from data_pipeline.sources import _is_remote, question_text
 from evaluation.data import open_eval_source
 from evaluation.serving import DEFAULT_MESH, add_model_flags, open_model
-from evaluation.metrics import METRICS
+from evaluation.summary import markdown, print_table, write_tables
+from evaluation.tasks import TASKS, Task, complete_turns, get_task
 
-METRIC_NAMES = {"vqa": "vqa_accuracy", "docvqa": "anls", "chartqa": "relaxed_accuracy", "refcoco": "acc@iou0.5",
-                "exact": "exact_match"}
-# appended to the question (the prompts Qwen2-VL was evaluated with); refcoco asks for the box in the question
-PROMPT_SUFFIX = {"vqa": "\nAnswer the question using a single word or phrase.",
-                 "docvqa": "\nAnswer the question using a single word or phrase.",
-                 "chartqa": "\nAnswer the question using a single word or phrase.", "refcoco": "", "exact": ""}
-MAX_NEW_TOKENS = {"vqa": 16, "docvqa": 32, "chartqa": 16, "refcoco": 32, "exact": 16}
-
+MAX_NEW_TOKENS = {name: task.max_new_tokens for name, task in TASKS.items()}  # bench/eval.py reads it
 
 def summary_path(out: str) -> str:
     return out[:-len(".jsonl")] + ".summary.json" if out.endswith(".jsonl") else out + ".summary.json"
@@ -142,60 +142,92 @@ def read_lines(path) -> list[dict]:
     return out
 
 
-def prepare(processor, sample: dict, task: str) -> tuple[dict | None, str, str | None]:
-    """sample → (generate request or None, prompt text, error or None)."""
+def prepare(processor, sample: dict, task: Task | str) -> tuple[dict | None, str, str | None]:
+    """sample → (generate request or None, prompt text, error or None). The user turn: `task.messages(sample)` for
+    a sample that gives its question, the sample's own turns completed by the task (its post-prompt) otherwise."""
     from data_pipeline.transforms import with_name
     from qwen2vl_jax.processing.loading import load_image
 
+    task = get_task(task) if isinstance(task, str) else task
     if "error" in sample:
         return None, "", sample["error"]
-    messages = [dict(m) for m in sample["messages"]]
-    question = question_text(messages)
-    if not question:
-        return None, "", "empty question"
-    last = messages[-1]
-    suffix = PROMPT_SUFFIX[task]
-    if suffix:
-        content = last["content"]
-        last["content"] = (content + suffix if isinstance(content, str)
-                           else list(content) + [{"type": "text", "text": suffix}])
-    prompt = question + suffix
     try:
-        images = [with_name(r, load_image) for r in sample["images"]]  # paths, gs://, http(s), data: URIs
-        videos = list(sample["videos"])  # paths or qwen-vl-utils items: the processor decodes and samples them
+        if "messages" in sample:
+            if not question_text(sample["messages"]):
+                return None, "", "empty question"
+            messages = complete_turns(task, sample["messages"])
+        else:
+            if not str(sample.get("question") or "").strip():
+                return None, "", "empty question"
+            messages = task.messages(sample)
+    except (KeyError, ValueError, TypeError, IndexError) as e:  # a row without what the task's prompt needs
+        return None, "", f"cannot build the prompt: {type(e).__name__}: {e}"
+    prompt = question_text(messages)
+    try:
+        images = [with_name(r, load_image) for r in sample.get("images", ())]  # paths, gs://, http(s), data: URIs
+        videos = list(sample.get("videos", ()))  # paths or qwen-vl-utils items: the processor decodes them
         batch = processor([messages], images=images or None, videos=videos or None)
     except (ValueError, OSError, TypeError) as e:
         return None, prompt, f"{type(e).__name__}: {e}"
     return batch, prompt, None
 
 
-def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int = 8,
-             max_new_tokens: int | None = None, data_dir: str | None = None, limit: int | None = None,
-             dtype: str | None = None, chunk: int = 64, mesh: str = DEFAULT_MESH) -> dict:
-    """Runs (or finishes) the evaluation; → the summary (process 0) or {} (other processes)."""
-    from qwen2vl_jax.compiles import CompileCounter
-    from qwen2vl_jax.generation import generate_many
+def _open_source(spec: str, data_dir: str | None, task: Task):
+    import inspect
+
+    if "task" in inspect.signature(open_eval_source).parameters:
+        return open_eval_source(spec, data_dir, task=task)
+    return open_eval_source(spec, data_dir)
+
+
+def evaluate(checkpoint: str, data: str, task: str, out: str, **options) -> dict:
+    """Runs (or finishes) one task's evaluation; → its summary (process 0) or {} (other processes). `options`: those
+    of `evaluate_tasks`."""
+    summaries = evaluate_tasks(checkpoint, [(task, data, out)], **options)
+    return summaries[0] if summaries else {}
+
+
+def evaluate_tasks(checkpoint: str, jobs: list[tuple[str, str, str]], *, batch_size: int = 8,
+                   max_new_tokens: int | None = None, data_dir: str | None = None, limit: int | None = None,
+                   dtype: str | None = None, chunk: int = 64, mesh: str = DEFAULT_MESH,
+                   scoring: str = "official") -> list[dict]:
+    """Runs (or finishes) each (task, data spec, out) in turn on one model load: the compiled programs are reused
+    from task to task (a task whose shapes an earlier one built compiles nothing). → the summaries (process 0) or
+    [] (other processes); each summary's "compiles" counts the programs built during that task."""
     from qwen2vl_jax.processing import Processor
     from sharding.mesh import initialize_distributed
 
-    if task not in METRICS:
-        raise ValueError(f"--task {task!r}: choose one of {', '.join(METRICS)}")
+    if scoring not in ("official", "lenient"):
+        raise ValueError(f"--scoring {scoring!r}: choose official or lenient")
+    tasks = [get_task(name) for name, _, _ in jobs]
     initialize_distributed()
-    rank, ranks = jax.process_index(), jax.process_count()
-    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
     processor = Processor.from_pretrained(checkpoint)
     model = open_model(checkpoint, mesh, dtype)
-    source = open_eval_source(data, data_dir)
+    summaries = [run_task(model, processor, task, data, out, batch_size=batch_size, data_dir=data_dir,
+                          max_new_tokens=max_new_tokens or task.max_new_tokens, limit=limit, chunk=chunk,
+                          lenient=scoring == "lenient")
+                 for task, (_, data, out) in zip(tasks, jobs)]
+    return summaries if jax.process_index() == 0 else []
+
+
+def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: int, max_new_tokens: int,
+             data_dir: str | None, limit: int | None, chunk: int, lenient: bool) -> dict:
+    """One task on an opened model: this process's samples generated and written to its part, then (process 0)
+    every part merged into `out` and its summary; → the summary (process 0) or {}."""
+    from qwen2vl_jax.compiles import CompileCounter
+    from qwen2vl_jax.generation import generate_many
+
+    rank, ranks = jax.process_index(), jax.process_count()
+    source = _open_source(data, data_dir, task)
     total = len(source) if limit is None else min(limit, len(source))
     sink = PartWriter(out, rank)
     done = {line["index"] for line in read_lines(out) + sink.kept}
     todo = [i for i in range(rank, total, ranks) if i not in done]
-    score = METRICS[task]
     eos = processor.tokenizer.eos_token_ids
     start, processed = time.perf_counter(), 0
     with CompileCounter() as compiles, contextlib.closing(sink), \
             tqdm(total=len(range(rank, total, ranks)), initial=len(range(rank, total, ranks)) - len(todo),
-                 desc=f"eval {task}", unit="sample", disable=rank != 0) as bar:
+                 desc=f"eval {task.name}", unit="sample", disable=rank != 0) as bar:
         for at in range(0, len(todo), chunk):
             samples = [source[i] for i in todo[at:at + chunk]]
             prepared = [prepare(processor, s, task) for s in samples]
@@ -216,12 +248,12 @@ def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int
                 if not error:
                     prediction = processor.decode(result).strip()
                     try:
-                        value = score(prediction, sample)
-                    except (ValueError, TypeError, KeyError) as e:  # e.g. a sample without reference answers
+                        value = float(task.score(prediction, sample, lenient=lenient))
+                    except (ValueError, TypeError, KeyError, IndexError) as e:  # e.g. no reference answers
                         error = f"cannot score: {e}"
-                line = {"index": sample["index"], "id": sample["id"], "prompt": prompt, "prediction": prediction,
-                        "answers": sample.get("answers"), "score": value, "error": error}
-                written.append(line)
+                written.append({"index": sample["index"], "id": sample["id"], "prompt": prompt,
+                                "prediction": prediction, "answers": sample.get("answers"), "score": value,
+                                "error": error})
             sink.write(written)
             processed += len(samples)
             bar.update(len(samples))
@@ -231,11 +263,11 @@ def evaluate(checkpoint: str, data: str, task: str, out: str, *, batch_size: int
     if ranks > 1:
         from jax.experimental import multihost_utils
         stats_all = multihost_utils.process_allgather(np.array([processed, seconds]))
-        multihost_utils.sync_global_devices("qwen2vl-eval: parts written")
+        multihost_utils.sync_global_devices(f"qwen2vl-eval: {task.name} parts written")
         stats["samples_per_s"] = float(stats_all[:, 0].sum() / stats_all[:, 1].max()) if processed else None
     if rank != 0:
         return {}
-    return merge(out, ranks, task, total, stats)
+    return merge(out, ranks, task, total, stats, scoring="lenient" if lenient else "official")
 
 
 def check_parts(out: str, ranks: int) -> list[list[dict]]:
@@ -259,8 +291,9 @@ def check_parts(out: str, ranks: int) -> list[list[dict]]:
     return parts
 
 
-def merge(out: str, ranks: int, task: str, total: int, stats: dict) -> dict:
+def merge(out: str, ranks: int, task: Task | str, total: int, stats: dict, scoring: str = "official") -> dict:
     """Every part + the earlier OUT → OUT in input order (atomic), and the summary beside it."""
+    task = get_task(task) if isinstance(task, str) else task
     parts = check_parts(out, ranks)
     lines = {line["index"]: line for part in [read_lines(out)] + parts for line in part}
     ordered = [lines[i] for i in sorted(lines)]
@@ -269,55 +302,95 @@ def merge(out: str, ranks: int, task: str, total: int, stats: dict) -> dict:
         epath.Path(part_path(out, r)).unlink(missing_ok=True)
         epath.Path(done_path(out, r)).unlink(missing_ok=True)
     scored = [line["score"] for line in ordered if line["error"] is None]
-    summary = {"task": task, "metric": METRIC_NAMES[task], "value": float(np.mean(scored)) if scored else None,
-               "samples": len(ordered), "of": total, "scored": len(scored), "errors": len(ordered) - len(scored),
-               **stats}
+    summary = {"task": task.name, "metric": task.metric, "scoring": scoring,
+               "value": float(np.mean(scored)) if scored else None, "samples": len(ordered), "of": total,
+               "scored": len(scored), "errors": len(ordered) - len(scored), **stats}
     write_whole(summary_path(out), json.dumps(summary, indent=2))
     return summary
 
 
-MODEL_PROGRAMS = ("prefill", "decode")  # generation's programs; anything else compiled is counted as "other"
+def parse_jobs(tasks: str, data: list[str], out: str) -> list[tuple[str, str, str]]:
+    """--tasks a,b + --data a=SPEC --data b=SPEC (or one --data "a=SPEC,b=SPEC"; a single task may take a bare
+    SPEC) + --out DIR → [(task, spec, DIR/task.jsonl), ...]."""
+    names = [n.strip() for n in tasks.split(",") if n.strip()]
+    for name in names:
+        get_task(name)
+    specs: dict[str, str] = {}
+    for value in data:
+        for item in _split_specs(value):
+            name, _, spec = item.partition("=")
+            if name in TASKS and spec:
+                specs[name] = spec
+            elif len(names) == 1 and len(data) == 1:
+                specs[names[0]] = value
+                break
+            else:
+                raise ValueError(f"--data {item!r}: with --tasks, give TASK=SPEC for each task ({', '.join(names)})")
+    missing = [n for n in names if n not in specs]
+    if missing or not names:
+        raise ValueError(f"--data gives no SPEC for {', '.join(missing) or 'any task'}; pass --data TASK=SPEC")
+    if set(specs) - set(names):
+        raise ValueError(f"--data names tasks not in --tasks: {', '.join(sorted(set(specs) - set(names)))}")
+    return [(n, specs[n], os.path.join(out, f"{n}.jsonl")) for n in names]
 
 
-def print_table(summary: dict) -> None:
-    counts = summary["compiles"]
-    compiles = ", ".join(f"{k} {counts.get(k, 0)}" for k in MODEL_PROGRAMS)
-    compiles += f", other {sum(v for k, v in counts.items() if k not in MODEL_PROGRAMS)}"
-    rate = summary["samples_per_s"]
-    rows = [("task", summary["task"]), ("metric", summary["metric"]),
-            ("value", "—" if summary["value"] is None else f"{summary['value']:.4f}"),
-            ("samples", f"{summary['samples']} of {summary['of']}"), ("scored", summary["scored"]),
-            ("errors", summary["errors"]), ("samples/s", "—" if rate is None else f"{rate:.2f}"),
-            ("compiles", compiles)]
-    for name, value in rows:
-        print(f"{name:10s} {value}")
+def _split_specs(value: str) -> list[str]:
+    """"a=X,b=Y" → ["a=X", "b=Y"]: a comma splits only where a known TASK= follows it."""
+    items: list[str] = []
+    for piece in value.split(","):
+        if items and piece.partition("=")[0] not in TASKS:
+            items[-1] += "," + piece
+        else:
+            items.append(piece)
+    return items
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="qwen2vl-eval", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", required=True, help="folder from qwen2vl-convert / qwen2vl-train's export/")
-    parser.add_argument("--data", required=True, help="PATH.jsonl, jsonl:PATH[?root=DIR] or tfds:NAME[:SPLIT]")
+    parser.add_argument("--data", required=True, action="append",
+                        help="PATH.jsonl, jsonl:PATH[?root=DIR], tfds:NAME[:SPLIT] (or the other sources "
+                             "evaluation.data opens); with --tasks: TASK=SPEC, once per task (repeat --data or join "
+                             "them with commas)")
     parser.add_argument("--data-dir", help="tfds data_dir")
-    parser.add_argument("--task", required=True, choices=sorted(METRICS))
-    parser.add_argument("--out", required=True, help="predictions, one JSON line per sample (resumable)")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--task", choices=sorted(TASKS), help="one task; --out is its predictions file")
+    group.add_argument("--tasks", help="several tasks in one process (one model load, programs compiled once), "
+                                       f"comma separated, of: {', '.join(sorted(TASKS))}; --out is a folder")
+    parser.add_argument("--out", required=True, help="--task: predictions, one JSON line per sample (resumable); "
+                                                     "--tasks: a folder for TASK.jsonl each + summary.md/.json")
+    parser.add_argument("--scoring", choices=("official", "lenient"), default="official",
+                        help="official: the benchmarks' rules (default); lenient: the earlier, forgiving ones")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, help="default per task: " + str(MAX_NEW_TOKENS))
-    parser.add_argument("--limit", type=int, help="the first N samples only")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the task's (" + ", ".join(
+        f"{name} {task.max_new_tokens}" for name, task in sorted(TASKS.items())) + ")")
+    parser.add_argument("--limit", type=int, help="the first N samples only (of each task)")
     add_model_flags(parser)
     parser.add_argument("--chunk", type=int, default=64, help="samples prepared, sorted and written at a time")
     from qwen2vl_jax.compiles import add_cache_flag, cache_from_flag
 
     add_cache_flag(parser)
     args = parser.parse_args(argv)
+    options = dict(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, data_dir=args.data_dir,
+                   limit=args.limit, dtype=args.dtype, chunk=args.chunk, mesh=args.mesh, scoring=args.scoring)
     try:
+        if args.task:
+            if len(args.data) != 1:
+                raise ValueError("--task takes one --data")
+            jobs = [(args.task, args.data[0], args.out)]
+        else:
+            jobs = parse_jobs(args.tasks, args.data, args.out)
+            if not _is_remote(args.out):
+                os.makedirs(args.out, exist_ok=True)
         with cache_from_flag(args.compile_cache):
-            summary = evaluate(args.checkpoint, args.data, args.task, args.out, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens, data_dir=args.data_dir, limit=args.limit,
-                               dtype=args.dtype, chunk=args.chunk, mesh=args.mesh)
+            summaries = evaluate_tasks(args.checkpoint, jobs, **options)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"qwen2vl-eval: {error}")
-    if summary:
-        print_table(summary)
+    if summaries and args.tasks:
+        write_tables(args.out, summaries, write_whole)
+        print(markdown(summaries), end="")
+    elif summaries:
+        print_table(summaries[0])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Tests for evaluation.metrics (pure Python; hand-computed expectations)."""
+"""Tests for evaluation.metrics (pure Python; hand-computed expectations).
+
+The earlier, lenient rules are tested here with ``lenient=True``; the official
+(default) rules are checked against independent reference implementations in
+tests/test_metrics_official.py.
+"""
 
 import pytest
 
@@ -58,8 +63,12 @@ def test_vqa_accuracy_ten_annotators(k, expected):
 
 def test_vqa_accuracy_normalizes_both_sides():
     answers = ["2"] * 3 + ["three"] * 7
+    assert vqa_accuracy("Two.", answers, lenient=True) == pytest.approx(0.9)
+    assert vqa_accuracy("3", answers, lenient=True) == pytest.approx(1.0)
+    # official: references only get processPunctuation, so "three" stays a word
     assert vqa_accuracy("Two.", answers) == pytest.approx(0.9)
-    assert vqa_accuracy("3", answers) == pytest.approx(1.0)
+    assert vqa_accuracy("3", answers) == 0.0
+    assert vqa_accuracy("three", answers) == 0.0  # the prediction becomes "3"
 
 
 def test_vqa_accuracy_single_and_few_answers():
@@ -80,10 +89,15 @@ def test_vqa_accuracy_rejects_bad_answers():
 
 
 def test_anls_threshold_boundary():
-    assert anls("ab", ["ax"]) == 0.0  # NL = 1/2, not < 0.5
-    assert anls("abcde", ["abcxy"]) == pytest.approx(0.6)  # NL = 2/5
-    assert anls("abcde", ["abcdx"]) == pytest.approx(0.8)  # NL = 1/5
-    assert anls("ab", ["ax"], threshold=0.6) == pytest.approx(0.5)
+    assert anls("ab", ["ax"], lenient=True) == 0.0  # NL = 1/2, not < 0.5
+    assert anls("abcde", ["abcxy"], lenient=True) == pytest.approx(0.6)  # NL = 2/5
+    assert anls("abcde", ["abcdx"], lenient=True) == pytest.approx(0.8)  # NL = 1/5
+    assert anls("ab", ["ax"], threshold=0.6, lenient=True) == pytest.approx(0.5)
+    # official (leaderboard): a similarity of exactly 0.5 is kept
+    assert anls("ab", ["ax"]) == 0.5
+    assert anls("ab", ["abcd"]) == 0.5
+    assert anls("abcde", ["abcxy"]) == pytest.approx(0.6)
+    assert anls("ab", ["ax"], threshold=0.4) == 0.0
 
 
 def test_anls_case_whitespace_and_max():
@@ -121,11 +135,12 @@ def test_anls_case_whitespace_and_max():
     ],
 )
 def test_relaxed_accuracy(pred, ans, expected):
-    assert relaxed_accuracy(pred, ans) == expected
+    assert relaxed_accuracy(pred, ans, lenient=True) == expected
 
 
 def test_relaxed_accuracy_custom_tolerance():
     assert relaxed_accuracy("4.7", "5", tolerance=0.1) == 1.0
+    assert relaxed_accuracy("4.7", "5", tolerance=0.1, lenient=True) == 1.0
 
 
 # ---------------------------------------------------------------- exact match
@@ -152,12 +167,13 @@ def test_exact_match():
     ],
 )
 def test_parse_box_variants(text):
-    assert parse_box(text, 640, 480) == pytest.approx((64.0, 96.0, 192.0, 192.0))
+    assert parse_box(text, 640, 480, lenient=True) == pytest.approx((64.0, 96.0, 192.0, 192.0))
 
 
 @pytest.mark.parametrize("text", ["", "no box here", "(100,200)", "(a,b),(c,d)", "<|box_start|><|box_end|>"])
 def test_parse_box_failure(text):
     assert parse_box(text, 640, 480) is None
+    assert parse_box(text, 640, 480, lenient=True) is None
 
 
 def test_parse_box_rejects_bad_size():
@@ -179,15 +195,18 @@ def test_box_iou():
 
 @pytest.mark.parametrize("y2, expected", [(51, 1.0), (50, 1.0), (49, 0.0)])
 def test_refcoco_accuracy_threshold(y2, expected):
-    # 1000x1000 image: grid coordinates equal pixels; IoU = y2 / 100.
+    # 1000x1000 image: grid coordinates equal pixels (lenient /1000); IoU = y2 / 100.
     pred = f"<|box_start|>(0,0),(100,{y2})<|box_end|>"
-    assert refcoco_accuracy(pred, (0, 0, 100, 100), 1000, 1000) == expected
+    assert refcoco_accuracy(pred, (0, 0, 100, 100), 1000, 1000, lenient=True) == expected
+    # official: 999x999 image, the grid maps 1:1 through Qwen-VL's / 999
+    assert refcoco_accuracy(pred, (0, 0, 100, 100), 999, 999) == expected
 
 
 def test_refcoco_accuracy_scaled_and_unparseable():
     # grid (250,250)-(750,750) on 200x100 -> pixels (50,25)-(150,75)
     pred = "<|box_start|>(250,250),(750,750)<|box_end|>"
     assert refcoco_accuracy(pred, (50, 25, 150, 75), 200, 100) == 1.0
+    assert refcoco_accuracy(pred, (50, 25, 150, 75), 200, 100, lenient=True) == 1.0
     assert refcoco_accuracy("I cannot find it.", (0, 0, 10, 10), 100, 100) == 0.0
 
 
@@ -203,6 +222,11 @@ def test_metrics_registry():
     assert METRICS["exact"]("A", {"answers": ["b", "a"]}) == 1.0
     sample = {"answers": [], "box": (0, 0, 100, 100), "width": 1000, "height": 1000}
     assert METRICS["refcoco"]("(0,0),(100,100)", sample) == 1.0
+    assert METRICS["refcoco"]("(0,0),(100,100)", sample, lenient=True) == 1.0
+    assert METRICS["docvqa"]("ab", {"answers": ["abcd"]}) == 0.5
+    assert METRICS["docvqa"]("ab", {"answers": ["abcd"]}, lenient=True) == 0.0
+    assert METRICS["chartqa"]("45%", {"answers": ["45"]}) == 0.0
+    assert METRICS["chartqa"]("45%", {"answers": ["45"]}, lenient=True) == 1.0
 
 
 def test_metrics_registry_errors():

@@ -87,3 +87,10 @@ def media_values(cell: Any, root: str | None) -> list:
         return [m for item in cell for m in media_values(item, root)]
     raise TypeError(f"a media cell must be bytes, a path, a {{'bytes', 'path'}} struct or a list; got "
                     f"{type(cell).__name__}")
+
+
+def complete_turns(task: Task, messages: Sequence[Mapping]) -> list[dict]:
+    """The user turn(s) of a sample that already holds them (`{"messages": ...}` data): the task's own
+    `complete_turns(messages)` where it has one (e.g. its post-prompt appended), else the turns as they are."""
+    method = getattr(task, "complete_turns", None)
+    return method(messages) if method is not None else [dict(m) for m in messages]
