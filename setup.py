@@ -48,6 +48,13 @@ setup(
         "gcs": ["gcsfs==2026.10.1"],
         # sharding.plan --topology: compile for a TPU slice on a machine without one (jax 0.10.2's [tpu] pin)
         "tpu-plan": ["libtpu==0.0.42.1"],
+        # lmms-eval's evaluation path (evaluation/lmms): the packages it imports; lmms-eval itself goes in with
+        # `pip install --no-deps lmms-eval==0.7.3` (its metadata pins av<16, and its wandb/torchvision pins move
+        # protobuf and torch off ours)
+        "lmms": ["loguru==0.7.3", "datasets==5.2.0", "accelerate==1.15.0", "evaluate==0.4.6", "sacrebleu==2.6.0",
+                 "tenacity==9.2.1", "pandas==3.1.1", "pytz==2026.6", "dill==0.4.1", "torch==2.13.0",
+                 "pytablewriter==1.2.1",
+                 "filelock==3.32.7"],  # lmms-eval 0.7.3 patches filelock._api, which filelock 4 dropped
     },
     entry_points={
         "console_scripts": [
@@ -57,5 +64,7 @@ setup(
             "qwen2vl-train=training.train:main",
             "qwen2vl-eval=evaluation.runner:main",
         ],
+        # lmms-eval 0.7.x model plugins: `lmms-eval --model qwen2vl_jax --model_args checkpoint=DIR ...`
+        "lmms_eval.models": ["qwen2vl_jax = evaluation.lmms:manifest"],
     },
 )
