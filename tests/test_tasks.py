@@ -352,8 +352,13 @@ def test_runner_parses_task_data_pairs():
 
 
 def test_two_tasks_one_process_one_model_load_no_recompile(checkpoint, tmp_path, monkeypatch, capsys):
-    from evaluation import runner
+    import jax
 
+    from evaluation import runner
+    from qwen2vl_jax import decoding
+
+    decoding.programs.cache_clear()  # earlier tests in this process may hold these programs, compiled
+    jax.clear_caches()
     loads = []
     real_open_model = runner.open_model
     monkeypatch.setattr(runner, "open_model", lambda *a, **k: loads.append(a) or real_open_model(*a, **k))
@@ -366,7 +371,7 @@ def test_two_tasks_one_process_one_model_load_no_recompile(checkpoint, tmp_path,
     out = tmp_path / "results"
     runner.main(["--checkpoint", str(checkpoint), "--tasks", "docvqa,textvqa",
                  "--data", f"docvqa=parquet:{tmp_path / 'docvqa'}", "--data", f"textvqa=parquet:{tmp_path / 'textvqa'}",
-                 "--out", str(out), "--batch-size", "4", "--max-new-tokens", "4"])
+                 "--out", str(out), "--batch-size", "4", "--max-new-tokens", "4", "--compile-cache", ""])
     assert len(loads) == 1
     summaries = json.load(open(out / "summary.json"))
     assert [s["task"] for s in summaries] == ["docvqa", "textvqa"]
