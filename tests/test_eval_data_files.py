@@ -237,9 +237,6 @@ def test_parquet_unreadable_file_is_raised_not_kept(bench):
 
 def test_parquet_with_a_named_task(tmp_path):
     """The task by name (evaluation.tasks.get_task), on a DocVQA-shaped file (lmms-lab/DocVQA's columns)."""
-    tasks = pytest.importorskip("evaluation.tasks")
-    if not hasattr(tasks, "get_task"):
-        pytest.skip("evaluation.tasks.get_task is not there yet")
     rows = [{"questionId": 57349 + k, "question": f"what is the date {k}?", "answers": ["1/8/93", "1-8-93"],
              "image": {"bytes": png(k), "path": None}, "docId": 1000 + k} for k in range(3)]
     write_parquet(tmp_path / "docvqa" / "validation-00000-of-00001.parquet", rows,
