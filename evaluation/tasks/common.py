@@ -1,9 +1,7 @@
-"""What the task modules share: the user turn, option lists, post-prompts, and thin calls into evaluation.metrics
-that pass `lenient` only to scorers that take it."""
+"""What the task modules share: option lists, post-prompts, the multiple-choice parse and the prompt-task base."""
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import re
 import string
@@ -11,18 +9,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from evaluation import metrics
+from evaluation.data import user_turn
 from evaluation.tasks.base import Task
 
 LETTERS = string.ascii_uppercase
 # lmms-eval's post-prompts (the wording Qwen2-VL's numbers were reported with)
 SHORT_ANSWER = "\nAnswer the question using a single word or phrase."  # docvqa/infovqa/chartqa/textvqa/vqav2 yaml
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."  # mmmu/utils.py, mmbench yaml
-
-
-def user_turn(text: str, images: int = 0, videos: int = 0) -> list[dict]:
-    """One user turn: its images, then its videos, then the text (Qwen2-VL's order in lmms-eval)."""
-    content = [{"type": "image"}] * images + [{"type": "video"}] * videos
-    return [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
 
 
 def append_text(messages: Sequence[Mapping], suffix: str) -> list[dict]:
@@ -44,15 +37,6 @@ def present(value: Any) -> bool:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return False
     return str(value).strip() not in ("", "nan")
-
-
-def call(scorer, *args, lenient: bool = False, **kwargs):
-    """`scorer(*args, **kwargs)`, with `lenient=` added when the scorer takes it."""
-    try:
-        takes = "lenient" in inspect.signature(scorer).parameters
-    except (TypeError, ValueError):
-        takes = False
-    return scorer(*args, lenient=lenient, **kwargs) if takes else scorer(*args, **kwargs)
 
 
 def choose(prediction: str, options: Sequence[str], *, lenient: bool = False) -> str | None:
@@ -79,7 +63,7 @@ class PromptTask(Task):
         return str(sample["question"]) + self.post_prompt
 
     def messages(self, sample: Mapping[str, Any]) -> list[dict]:
-        return user_turn(self.text(sample), len(sample.get("images") or ()), len(sample.get("videos") or ()))
+        return [user_turn(self.text(sample), len(sample.get("images") or ()), len(sample.get("videos") or ()))]
 
     def complete_turns(self, messages: Sequence[Mapping]) -> list[dict]:
         return append_text(messages, self.post_prompt)

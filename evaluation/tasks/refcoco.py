@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from evaluation import metrics
-from evaluation.tasks.common import PromptTask, call, user_turn
+from evaluation.data import user_turn
+from evaluation.tasks.common import PromptTask
 
 TEMPLATE = "<|object_ref_start|>{expression}<|object_ref_end|>"
 
@@ -62,11 +63,11 @@ class RefCOCOTask(PromptTask):
         return str(sample["question"])
 
     def messages(self, sample: Mapping[str, Any]) -> list[dict]:
-        return user_turn(self.text(sample), len(sample.get("images") or ()))
+        return [user_turn(self.text(sample), len(sample.get("images") or ()), 0)]
 
     def score(self, prediction: str, sample: Mapping[str, Any], *, lenient: bool = False) -> float:
-        return float(call(metrics.refcoco_accuracy, prediction, sample["box"], sample["width"], sample["height"],
-                          lenient=lenient))
+        return float(metrics.refcoco_accuracy(prediction, sample["box"], sample["width"], sample["height"],
+                                              lenient=lenient))
 
 
 _FIELDS = {"id": ("question_id", "id"), "question": ("question",), "category": ("file_name",)}

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from evaluation import metrics
-from evaluation.tasks.common import SHORT_ANSWER, PromptTask, call
+from evaluation.tasks.common import SHORT_ANSWER, PromptTask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,14 +26,14 @@ class ShortAnswerTask(PromptTask):
     def score(self, prediction: str, sample: Mapping[str, Any], *, lenient: bool = False) -> float:
         answers = sample["answers"]
         if self.scorer == "anls":
-            return call(metrics.anls, prediction, answers, lenient=lenient)
+            return metrics.anls(prediction, answers, lenient=lenient)
         if self.scorer == "relaxed":  # ChartQA: the best over the references
             if not answers:
                 raise ValueError("answers must contain at least one reference answer")
-            return max(call(metrics.relaxed_accuracy, prediction, a, lenient=lenient) for a in answers)
+            return max(metrics.relaxed_accuracy(prediction, a, lenient=lenient) for a in answers)
         if self.scorer == "vqa":
-            return call(metrics.vqa_accuracy, prediction, answers, lenient=lenient)
-        return call(metrics.exact_match, prediction, answers, lenient=lenient)
+            return metrics.vqa_accuracy(prediction, answers, lenient=lenient)
+        return metrics.exact_match(prediction, answers, lenient=lenient)
 
 
 _QUESTION = ("question",)
