@@ -31,7 +31,8 @@ def main() -> None:
 
     import qwen2vl_jax
     from evaluation.data import open_eval_source
-    from evaluation.runner import MAX_NEW_TOKENS, evaluate, prepare, read_lines
+    from evaluation.runner import evaluate, prepare, read_lines
+    from evaluation.tasks import get_task
     from qwen2vl_jax.buckets import Ladders
     from qwen2vl_jax.compiles import CompileCounter
     from qwen2vl_jax.processing import Processor
@@ -48,7 +49,7 @@ def main() -> None:
     processor = Processor.from_pretrained(checkpoint)
     config, params = qwen2vl_jax.load(checkpoint)
     source = open_eval_source(spec, data_dir)
-    new = MAX_NEW_TOKENS["exact"]
+    new = get_task("exact").max_new_tokens
     same, t0 = 0, time.perf_counter()
     with CompileCounter() as compiles:
         for i in range(args.plain_samples):

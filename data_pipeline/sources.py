@@ -26,16 +26,14 @@ import posixpath
 import numpy as np
 from etils import epath
 
+from qwen2vl_jax.processing.loading import is_remote
+
 _REMOTE_PREFIXES = ("http://", "https://", "gs://", "s3://")
 _RESERVED = ("messages", "images", "videos", "id", "error")
 
 
 class RecordError(ValueError):
     """A conversation that cannot be normalized (reported as an error record)."""
-
-
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 def confined_path(ref, root: str, root_real: str | None) -> str:
@@ -132,7 +130,7 @@ class JsonlSource:
                 f"JsonlSource: {self.path} does not exist; pass a .jsonl file with one "
                 "{'messages': [...]} conversation per line (see synthetic.write_jsonl).")
         self.root = str(root) if root is not None else str(p.parent)
-        local = not _is_remote(self.root)
+        local = not is_remote(self.root)
         self._root_real = os.path.realpath(self.root) if local else None
         offsets, lines = [], []
         pos = 0

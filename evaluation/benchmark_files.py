@@ -24,15 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qwen2vl_jax.processing.loading import is_remote, local_path
+
 _MAGIC = ("*", "?", "[")
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _local(path: str) -> str:
-    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def _fs(path: str):
@@ -109,7 +103,7 @@ class ParquetRows(_ChunkedRows):
             fs, p = _fs(path)
             with fs.open(p, "rb") as f:
                 return pq.read_metadata(f)
-        return pq.read_metadata(_local(path), memory_map=True)
+        return pq.read_metadata(local_path(path), memory_map=True)
 
     def _open(self, f: int) -> pq.ParquetFile:
         if self._file is not None and self._file[0] == f:
@@ -122,7 +116,7 @@ class ParquetRows(_ChunkedRows):
             # buffered reads: a column chunk is fetched piece by piece, not whole, when a group is streamed
             parquet = pq.ParquetFile(handle, metadata=self.metadata[f], buffer_size=8 << 20, pre_buffer=False)
         else:
-            parquet = pq.ParquetFile(_local(path), metadata=self.metadata[f], memory_map=True, pre_buffer=False)
+            parquet = pq.ParquetFile(local_path(path), metadata=self.metadata[f], memory_map=True, pre_buffer=False)
         self._file = (f, parquet, handle)
         return parquet
 
@@ -168,7 +162,7 @@ class ArrowStreamRows(_ChunkedRows):
             if is_remote(path):
                 raise ValueError(f"{path}: Arrow files are memory-mapped, so they must be local "
                                  "(copy the folder, or export the dataset to parquet and use parquet:)")
-            source = pa.memory_map(_local(path), "r")
+            source = pa.memory_map(local_path(path), "r")
             try:
                 batches = list(pa.ipc.open_stream(source))  # zero-copy: the values stay in the map
             except pa.ArrowInvalid:  # the IPC file format (with a footer) rather than the stream one
@@ -224,7 +218,7 @@ def parquet_files(spec: str) -> tuple[list[str], str]:
             raise FileNotFoundError(f"parquet:{spec}: no such folder or file")
         files = sorted(fs.unstrip_protocol(p) for p in found)
     else:
-        local = os.path.abspath(_local(spec))
+        local = os.path.abspath(local_path(spec))
         if _has_magic(local):
             files, root = [p for p in globlib.glob(local, recursive=True) if os.path.isfile(p)], _glob_root(local)
         elif os.path.isdir(local):
@@ -245,7 +239,7 @@ def hf_saved_dataset(path: str, split: str | None = None) -> tuple[list[str], st
     if is_remote(path):
         raise ValueError(f"hf:{path}: a save_to_disk folder is memory-mapped, so it must be local "
                          "(copy it, or export the dataset to parquet and use parquet:)")
-    path = os.path.abspath(_local(path))
+    path = os.path.abspath(local_path(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"hf:{path}: no such folder")
     dict_file = os.path.join(path, "dataset_dict.json")

@@ -29,7 +29,8 @@ import posixpath
 import pyarrow as pa
 from etils import epath
 
-from data_pipeline.sources import RecordError, TfdsSource, _is_remote, confined_path
+from data_pipeline.sources import RecordError, TfdsSource, confined_path
+from qwen2vl_jax.processing.loading import is_remote
 from evaluation import benchmark_files
 
 SPECS = ("PATH.jsonl, jsonl:PATH[?root=DIR], tfds:NAME[:SPLIT], parquet:DIR_OR_GLOB[?root=DIR] "
@@ -43,7 +44,7 @@ class JsonlEvalSource:
             raise FileNotFoundError(f"evaluation data {path!r} does not exist")
         self.lines = epath.Path(path).read_text().splitlines()
         self.root = root or default_root(path)
-        self.root_real = None if _is_remote(self.root) else os.path.realpath(self.root)  # no symlinks remotely
+        self.root_real = None if is_remote(self.root) else os.path.realpath(self.root)  # no symlinks remotely
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -93,7 +94,7 @@ class TfdsEvalSource:
 
 def default_root(path: str) -> str:
     """The folder of the JSONL file: posix-style for a remote one (gs://bucket/dir), absolute for a local one."""
-    if _is_remote(path):
+    if is_remote(path):
         return posixpath.dirname(path.rstrip("/"))
     return os.path.dirname(os.path.abspath(path))
 

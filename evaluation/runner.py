@@ -44,13 +44,13 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from data_pipeline.sources import _is_remote, question_text
+from data_pipeline.sources import question_text
+from qwen2vl_jax.processing.loading import is_remote
 from evaluation.data import open_eval_source
 from evaluation.serving import DEFAULT_MESH, add_model_flags, open_model
 from evaluation.summary import markdown, print_table, write_tables
 from evaluation.tasks import TASKS, Task, complete_turns, get_task
 
-MAX_NEW_TOKENS = {name: task.max_new_tokens for name, task in TASKS.items()}  # bench/eval.py reads it
 
 def summary_path(out: str) -> str:
     return out[:-len(".jsonl")] + ".summary.json" if out.endswith(".jsonl") else out + ".summary.json"
@@ -71,7 +71,7 @@ class PartWriter:
     def __init__(self, out: str, rank: int):
         self.out, self.rank = out, rank
         self.part = epath.Path(part_path(out, rank))
-        self.remote = _is_remote(out)
+        self.remote = is_remote(out)
         epath.Path(done_path(out, rank)).unlink(missing_ok=True)  # the marker says "this run wrote them all"
         self.kept = read_lines(self.part)
         kept = "".join(json.dumps(line) + "\n" for line in self.kept)
@@ -117,7 +117,7 @@ def write_whole(path, text: str) -> None:
     """`text` as the whole of `path`, never half written: an object store's write is atomic; a local file goes
     through a fsynced temporary file and a rename."""
     path = os.fspath(path)
-    if _is_remote(path):
+    if is_remote(path):
         epath.Path(path).write_text(text)
         return
     tmp = path + ".tmp"
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
             jobs = [(args.task, args.data[0], args.out)]
         else:
             jobs = parse_jobs(args.tasks, args.data, args.out)
-            if not _is_remote(args.out):
+            if not is_remote(args.out):
                 os.makedirs(args.out, exist_ok=True)
         with cache_from_flag(args.compile_cache):
             summaries = evaluate_tasks(args.checkpoint, jobs, **options)

@@ -42,6 +42,16 @@ REMOTE_PREFIXES = ("gs://", "s3://", "az://", "hf://")  # object stores, read th
 _CHUNK = 1 << 16
 
 
+def is_remote(path: str) -> bool:
+    """A URL of any scheme but file:// (http(s), gs://, s3://, ...)."""
+    return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str) -> str:
+    """A local path with any "file://" prefix removed."""
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
 def _open_and_decode(fp: Any, name: str) -> Image.Image:
     """Open and fully decode an encoded image → upright image; ValueError naming `name` when it cannot be read."""
     try:
@@ -125,7 +135,7 @@ def read_source(src: str | os.PathLike, *, what: str = "image", timeout: float =
             return epath.Path(path).read_bytes()
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{what} file not found: {path!r}") from e
-    local = path[len("file://") :] if path.startswith("file://") else path
+    local = local_path(path)
     if not os.path.isfile(local):
         raise FileNotFoundError(f"{what} file not found: {local!r}")
     with open(local, "rb") as f:
@@ -205,7 +215,7 @@ def load_image(src: ImageSource, *, timeout: float = FETCH_TIMEOUT_S,
         image = _open_and_decode(io.BytesIO(data), "<data URI>")
     elif isinstance(src, (str, os.PathLike)):
         path = os.fspath(src)
-        name = path if "://" in path and not path.startswith("file://") else repr(path.removeprefix("file://"))
+        name = path if is_remote(path) else repr(local_path(path))
         image = _open_and_decode(io.BytesIO(read_source(path, timeout=timeout, max_bytes=max_bytes)), name)
     else:
         raise TypeError(

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen2vl_jax.processing.loading import load_image, read_source
+from qwen2vl_jax.processing.loading import is_remote, load_image, local_path, read_source
 
 VIDEO_FETCH_TIMEOUT_S = 120.0  # a video URL: connect, every read and the whole download
 VIDEO_FETCH_MAX_BYTES = 2 << 30  # a video URL larger than this is refused
@@ -29,18 +29,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 Pick = Callable[[int, float], np.ndarray]  # (total_frames, video_fps) → int64[n] frame indices
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _local(path: str) -> str:
-    return path[len("file://") :] if path.startswith("file://") else path
-
-
 def _epath(path: str):
     from etils import epath  # local or gs://
 
-    return epath.Path(_local(path))
+    return epath.Path(local_path(path))
 
 
 def _read_bytes(path: str) -> bytes:
@@ -52,7 +44,7 @@ def _read_bytes(path: str) -> bytes:
 
 
 def _as_frame(frame: Any) -> np.ndarray:
-    if isinstance(frame, (str, os.PathLike)) and _is_remote(os.fspath(frame)):
+    if isinstance(frame, (str, os.PathLike)) and is_remote(os.fspath(frame)):
         frame = _read_bytes(os.fspath(frame))
     return np.asarray(load_image(frame))
 
@@ -99,11 +91,11 @@ def _media(source: Any) -> tuple[str | bytes, str]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source), f"<{len(source)} bytes>"
     path = os.fspath(source)
-    if _is_remote(path):
+    if is_remote(path):
         return _read_bytes(path), repr(path)
-    if not os.path.isfile(_local(path)):
+    if not os.path.isfile(local_path(path)):
         raise FileNotFoundError(f"video file not found: {path!r}")
-    return _local(path), repr(path)
+    return local_path(path), repr(path)
 
 
 def _open(media: str | bytes, name: str):
