@@ -9,7 +9,7 @@ lenient` scores by this project's earlier, more forgiving rules instead of the b
 Each process takes every process_count-th sample (data parallel over hosts) and runs one SPMD program over its
 devices (`--mesh`, default data=-1: each batch split over every local device; `tensor=N` splits the weights, for
 models one device cannot hold). It prepares each sample with the checkpoint's Processor, generates greedily through
-`qwen2vl_jax.generation.generate_many` (bucketed shapes; samples are sorted by size within a chunk so a batch holds
+`qwen2vl_jax.generation.generate_many` (bucketed shapes; it batches a chunk's samples in size order so a batch holds
 similar shapes) and writes one line per sample to
 its part `OUT.part<process>` after each chunk (a killed run loses at most the chunk in flight):
 
@@ -232,8 +232,6 @@ def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: i
             samples = [source[i] for i in todo[at:at + chunk]]
             prepared = [prepare(processor, s, task) for s in samples]
             runnable = [k for k, (request, _, _) in enumerate(prepared) if request is not None]
-            # similar sizes side by side: fewer padded rows and tokens per bucket
-            runnable.sort(key=lambda k: (len(prepared[k][0].get("pixel_values", ())), prepared[k][0]["input_ids"].size))
             with model.context():
                 results = dict(zip(runnable, generate_many(model.config, model.params,
                                                            [prepared[k][0] for k in runnable], batch_size=batch_size,

@@ -157,7 +157,7 @@ class Generator:
         """One answer per request (objects with lmms-eval's `args`), in request order. Requests with equal
         options run together through generate_many, `batch_size` at a time, similar sizes side by side. A request
         that cannot run (bad media, too long) is answered "" and logged in `self.errors`."""
-        from qwen2vl_jax.generation import generate_many
+        from qwen2vl_jax.generation import generate_many, request_size
 
         start = time.perf_counter()
         answers: list[str | None] = [None] * len(requests)
@@ -174,9 +174,7 @@ class Generator:
         eos = self.processor.tokenizer.eos_token_ids
         generated = 0
         for options, members in groups.items():
-            members.sort(key=lambda i: (len(prepared[i][0].get("pixel_values", ())) +
-                                        len(prepared[i][0].get("pixel_values_videos", ())),
-                                        prepared[i][0]["input_ids"].size))
+            members.sort(key=lambda i: request_size(prepared[i][0]))
             # chunks of a few batches: progress moves, and a chunk's similar sizes still share buckets
             step = self.batch_size * 4
             for at in range(0, len(members), step):
