@@ -322,7 +322,7 @@ def main():
     pos_j, seg_j = prepared["vision_pos_hw"], prepared["vision_segment_ids"]
     packing_layouts = {}
     for name, grids in (("16x224", PACKED_GRIDS), ("1x896", SINGLE_GRID)):
-        pos, seg = vision_layout(np.array(grids), cfg32.vision.spatial_merge_size)
+        pos, seg = vision_layout(np.array(grids), cfg32.vision.spatial_merge_size)[:2]
         packing_layouts[name] = (grids, jnp.asarray(pos), jnp.asarray(seg))
     packed_px_j = jnp.asarray(packed_px)
 

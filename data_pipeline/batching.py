@@ -167,16 +167,18 @@ class BatchIterator(grain.DatasetIterator):
         video_tokens = sum(int(np.prod(g)) for g, _ in videos) // merge**2
         index = splice_index(ids, lay.config, image_tokens, video_tokens)
         real_vision = sum(len(p) for _, p in images + videos)
+        layout = vision_layout(grids, merge, shape.vision_rows or None, lay.config.vision.window_units)
+        if len(layout.feature_slot):  # the merger's output is in the packed (window) order
+            index = np.where(index >= 0, layout.feature_slot[np.maximum(index, 0)], -1).astype(np.int32)
         part = dict(input_ids=ids, labels=labels, prepared=dict(attention_mask=segments, position_ids=positions,
                                                                splice_index=index))
         if shape.loss_rows:
             part.update(loss_positions(labels, segments, per_row=shape.loss_rows))
         if shape.vision_rows:
-            pos_hw, vision_segments = vision_layout(grids, merge, shape.vision_rows)
-            part["prepared"].update(vision_pos_hw=pos_hw[None], vision_segment_ids=vision_segments[None])
+            part["prepared"].update(vision_pos_hw=layout.pos_hw[None], vision_segment_ids=layout.segment_ids[None])
             pixels = np.zeros((1, shape.vision_rows, lay.config.vision.patch_dim), np.float32)
             if real_vision:
-                pixels[0, :real_vision] = np.concatenate([p for _, p in images + videos])
+                pixels[0, :real_vision] = np.concatenate([p for _, p in images + videos])[layout.rows[:real_vision]]
             part["vision_pixels"] = pixels
         part["example_ids"] = [[e["id"] for e in row] for row in rows]
         part["stats"] = dict(examples=len(examples), real_tokens=int((segments > 0).sum()), padded_tokens=segments.size,

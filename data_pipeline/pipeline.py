@@ -54,7 +54,9 @@ def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, 
                          loss_fractions=tuple(data.get("loss_fractions", BatchLayout.loss_fractions)), shards=shards)
     shard_ids = tuple(range(shards) if shard_ids is None else shard_ids)
     transform = ToExample(processor, max_length=max(data.length_buckets),
-                          max_vision_rows=max(layout.shard_vision_rows), truncate=data.truncate)
+                          max_vision_rows=max(layout.shard_vision_rows), truncate=data.truncate,
+                          tokens_per_second=model_config.vision.tokens_per_second if model_config.vision.windowed
+                          else None)
     workers = max(data.workers // len(shard_ids), 1) if data.workers else 0
     if workers:
         from absl import flags

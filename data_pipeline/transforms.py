@@ -28,8 +28,11 @@ from qwen2vl_jax.inputs import IGNORE
 class ToExample(grain.transforms.Map):
     """record → example dict (see the module docstring) or {"error": ..., "id": ...}."""
 
-    def __init__(self, processor: Processor, max_length: int, max_vision_rows: int, truncate: bool = True):
+    def __init__(self, processor: Processor, max_length: int, max_vision_rows: int, truncate: bool = True,
+                 tokens_per_second: float | None = None):
+        """tokens_per_second: the model's (Qwen2.5-VL: video time positions in seconds); None for Qwen2-VL."""
         self.processor = processor
+        self.tokens_per_second = tokens_per_second
         self.max_length = max_length
         self.max_vision_rows = max_vision_rows
         self.truncate = truncate
@@ -53,15 +56,15 @@ class ToExample(grain.transforms.Map):
                                                        **self.processor.image_options.kwargs()))
                   for r in record.get("images", [])]
         videos = [with_name(r, self.processor.preprocess_video) for r in record.get("videos", [])]
-        ids, labels = self._tokens(record["messages"], [g for _, g in images], [g for _, g in videos])
+        ids, labels = self._tokens(record["messages"], [g for _, g in images], [v[1] for v in videos])
         ids, labels, n_images, n_videos = self._truncate(ids, labels)
         images, videos = images[:n_images], videos[:n_videos]
         if not (labels != IGNORE).any():
             raise ValueError(f"no assistant tokens to learn from within max_length {self.max_length} "
                              f"(the sample has {len(ids)}+ tokens)")
         image_grid = np.array([g for _, g in images], np.int64).reshape(-1, 3)
-        video_grid = np.array([g for _, g in videos], np.int64).reshape(-1, 3)
-        pixels = [p for p, _ in images] + [p for p, _ in videos]
+        video_grid = np.array([v[1] for v in videos], np.int64).reshape(-1, 3)
+        pixels = [p for p, _ in images] + [v[0] for v in videos]
         rows = sum(len(p) for p in pixels)
         if rows > self.max_vision_rows:
             raise ValueError(f"{rows} vision patch rows exceed the largest vision bucket {self.max_vision_rows}; "
@@ -69,7 +72,9 @@ class ToExample(grain.transforms.Map):
         positions, _ = get_rope_index(ids[None], None, image_grid if len(image_grid) else None,
                                       video_grid if len(video_grid) else None,
                                       image_token_id=self.ids["image"], video_token_id=self.ids["video"],
-                                      spatial_merge_size=self.processor.image_options.merge_size)
+                                      spatial_merge_size=self.processor.image_options.merge_size,
+                                      second_per_grid_ts=[v[2] for v in videos] or None,
+                                      tokens_per_second=self.tokens_per_second)
         patch_dim = 3 * self.processor.image_options.temporal_patch_size * self.processor.image_options.patch_size**2
         return dict(input_ids=ids, labels=labels, position_ids=positions[:, 0].astype(np.int32),
                     pixels=np.concatenate(pixels) if pixels else np.zeros((0, patch_dim), np.float32),

@@ -7,9 +7,17 @@ import os
 from typing import Any, Mapping
 
 
+MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-    """The ViT shared by every Qwen2-VL size; `hidden_size` is the merger's output (= text hidden)."""
+    """The ViT; `embed_dim` is its width and `hidden_size` the merger's output (= text hidden).
+
+    model_type "qwen2_vl": LayerNorm, quick-GELU MLP of `mlp_ratio` · embed_dim, every block attends within a
+    frame-pair. "qwen2_5_vl": RMSNorm, SwiGLU MLP of `intermediate_size` (with biases), blocks attend within
+    `window_size`-pixel windows except `fullatt_block_indexes`, and a video's time positions advance
+    `tokens_per_second` · second_per_grid_ts per frame-pair; those four fields are unused by qwen2_vl."""
     depth: int = 32
     embed_dim: int = 1280
     num_heads: int = 16
@@ -20,6 +28,34 @@ class VisionConfig:
     spatial_merge_size: int = 2
     in_channels: int = 3
     layer_norm_eps: float = 1e-6
+    model_type: str = "qwen2_vl"
+    intermediate_size: int = 3420
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    tokens_per_second: float = 2.0
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; choose one of {MODEL_TYPES}")
+        object.__setattr__(self, "fullatt_block_indexes", tuple(int(i) for i in self.fullatt_block_indexes))
+        if self.windowed and self.window_size % (self.patch_size * self.spatial_merge_size):
+            raise ValueError(f"window_size {self.window_size} must be a multiple of patch_size · spatial_merge_size "
+                             f"({self.patch_size * self.spatial_merge_size})")
+
+    @property
+    def windowed(self) -> bool:
+        """Qwen2.5-VL: window attention, RMSNorm, SwiGLU and absolute-time video positions."""
+        return self.model_type == "qwen2_5_vl"
+
+    @property
+    def window_units(self) -> int:
+        """Merged units per window side (112 px → 4); 0 without windows."""
+        return self.window_size // self.patch_size // self.spatial_merge_size if self.windowed else 0
+
+    @property
+    def full_attention_blocks(self) -> tuple[bool, ...]:
+        """Per block: attends within its frame-pair (True) or within its window (False)."""
+        return tuple(not self.windowed or i in self.fullatt_block_indexes for i in range(self.depth))
 
     @property
     def head_dim(self) -> int:
@@ -27,7 +63,7 @@ class VisionConfig:
 
     @property
     def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
+        return self.intermediate_size if self.windowed else int(self.embed_dim * self.mlp_ratio)
 
     @property
     def patch_dim(self) -> int:
@@ -149,14 +185,21 @@ class Qwen2VLConfig:
             tie_word_embeddings=t.tie_word_embeddings, bos_token_id=self.bos_token_id,
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
         )
-        vision = dict(
-            depth=v.depth, embed_dim=v.embed_dim, num_heads=v.num_heads,
-            mlp_ratio=int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
-            hidden_size=v.hidden_size, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-            spatial_merge_size=v.spatial_merge_size, in_channels=v.in_channels, hidden_act="quick_gelu",
-        )
+        shared = dict(depth=v.depth, num_heads=v.num_heads, patch_size=v.patch_size,
+                      temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
+                      in_channels=v.in_channels)
+        if v.windowed:
+            vision = dict(shared, hidden_size=v.embed_dim, out_hidden_size=v.hidden_size,
+                          intermediate_size=v.intermediate_size, window_size=v.window_size,
+                          fullatt_block_indexes=list(v.fullatt_block_indexes), hidden_act="silu",
+                          tokens_per_second=int(v.tokens_per_second) if float(v.tokens_per_second).is_integer()
+                          else v.tokens_per_second)
+        else:
+            vision = dict(shared, embed_dim=v.embed_dim, hidden_size=v.hidden_size, hidden_act="quick_gelu",
+                          mlp_ratio=int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio)
+        architecture = "Qwen2_5_VLForConditionalGeneration" if v.windowed else "Qwen2VLForConditionalGeneration"
         return dict(
-            model_type="qwen2_vl", architectures=["Qwen2VLForConditionalGeneration"],
+            model_type=v.model_type, architectures=[architecture],
             text_config=text, vision_config=vision, tie_word_embeddings=t.tie_word_embeddings,
             image_token_id=self.image_token_id, video_token_id=self.video_token_id,
             vision_start_token_id=self.vision_start_token_id, vision_end_token_id=self.vision_end_token_id,
@@ -218,7 +261,15 @@ def _from_hf_dict(d: dict[str, Any], generation: Mapping[str, Any] | None = None
         if text_src["head_dim"] != hidden // heads:
             raise ValueError(f"config.json: head_dim {text_src['head_dim']} != hidden_size/num_attention_heads; "
                              "Qwen2 derives head_dim, so this checkpoint is not a Qwen2-VL one")
-    vision = _pick(d.get("vision_config") or {}, VisionConfig, {"in_chans": "in_channels"})
+    model_type = d.get("model_type") or "qwen2_vl"
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{config_file}: model_type {model_type!r} is not a Qwen2-VL family model; this project "
+                         f"reads {MODEL_TYPES}")
+    renames = {"in_chans": "in_channels", "spatial_patch_size": "patch_size", "model_type": ""}
+    if model_type == "qwen2_5_vl":  # vision hidden_size is the ViT width there; the merger's is out_hidden_size
+        renames |= {"hidden_size": "embed_dim", "out_hidden_size": "hidden_size"}
+    vision = _pick(d.get("vision_config") or {}, VisionConfig, renames)
+    vision["model_type"] = model_type
     nested = d.get("text_config") or {}
     ids, eos_list = {}, ()
     for key in _TOKEN_KEYS:
@@ -287,6 +338,16 @@ PRESETS: dict[str, Qwen2VLConfig] = {
         vision=dataclasses.replace(_VISION, hidden_size=8192),
         text=TextConfig(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
                         num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False)),
+    # Qwen2.5-VL: one ViT (window attention, SwiGLU 3420) whose merger outputs the text width; sizes from the
+    # released config.json files.
+    **{f"2.5-{name}": Qwen2VLConfig(
+        vision=VisionConfig(model_type="qwen2_5_vl", hidden_size=hidden),
+        text=TextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=mlp, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=128000,
+                        tie_word_embeddings=tied))
+       for name, vocab, hidden, mlp, layers, heads, kv, tied in (
+           ("3b", 151936, 2048, 11008, 36, 16, 2, True), ("7b", 152064, 3584, 18944, 28, 28, 4, False),
+           ("32b", 152064, 5120, 27648, 64, 40, 8, False), ("72b", 152064, 8192, 29568, 80, 64, 8, False))},
     # A few MB: real token ids and vocabulary, so the released tokenizer works with it.
     "tiny": Qwen2VLConfig(
         vision=VisionConfig(depth=2, embed_dim=64, num_heads=4, mlp_ratio=2.0, hidden_size=64),

@@ -171,7 +171,7 @@ def generate(config: Qwen2VLConfig, params, batch: dict, *, max_new_tokens: int,
                                   videos if len(videos) else None,
                                   image_rows=None if image_pixels is None else len(image_pixels),
                                   video_rows=None if video_pixels is None else len(video_pixels),
-                                  vision_shards=shards)
+                                  vision_shards=shards, second_per_grid_ts=batch.get("second_per_grid_ts"))
         rows = int((prepared["vision_rows"] >= 0).sum(1).max()) if pixels else 0  # the fullest shard's patches
         shapes = shapes_for(ladders, len(input_ids), input_ids.shape[1], rows, max_new_tokens, shards)
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=prepared["position_ids"],
@@ -220,6 +220,11 @@ def collate(requests: Sequence[dict], pad_token_id: int) -> dict:
         if parts:
             out[pixels] = np.concatenate([np.asarray(r[pixels]) for r in parts])
             out[grid] = np.concatenate([np.asarray(r[grid]).reshape(-1, 3) for r in parts])
+    videos = [r for r in requests if r.get("pixel_values_videos") is not None]
+    if videos:  # 1.0 per video of a request that has none (transformers' default)
+        out["second_per_grid_ts"] = np.concatenate([
+            np.asarray(r["second_per_grid_ts"], np.float32).reshape(-1) if r.get("second_per_grid_ts") is not None
+            else np.ones(len(np.asarray(r["video_grid_thw"]).reshape(-1, 3)), np.float32) for r in videos])
     return out
 
 
@@ -234,7 +239,8 @@ def check_request(config: Qwen2VLConfig, request: dict, max_new_tokens: int, lad
     prepare_inputs(config, ids, request.get("attention_mask"), request.get("image_grid_thw"),
                    request.get("video_grid_thw"),
                    image_rows=None if image_pixels is None else len(image_pixels),
-                   video_rows=None if video_pixels is None else len(video_pixels))
+                   video_rows=None if video_pixels is None else len(video_pixels),
+                   second_per_grid_ts=request.get("second_per_grid_ts"))
     rows = sum(len(p) for p in (image_pixels, video_pixels) if p is not None)
     shapes_for(ladders, 1, ids.shape[1], rows, max_new_tokens)
 

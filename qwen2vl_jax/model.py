@@ -8,7 +8,7 @@ import numpy as np
 
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.decoder import TextModel
-from qwen2vl_jax.inputs import prepare_inputs
+from qwen2vl_jax.inputs import grid_array, prepare_inputs, vision_layout
 from qwen2vl_jax.vision import VisionTransformer
 
 
@@ -26,7 +26,7 @@ class Qwen2VL(nn.Module):
         self.language_model = TextModel(self.config, keep_kv=self.decoding)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                 pixel_values_videos=None, video_grid_thw=None):
+                 pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None):
         for name, value in (("input_ids", input_ids), ("attention_mask", attention_mask),
                             ("image_grid_thw", image_grid_thw), ("video_grid_thw", video_grid_thw)):
             if isinstance(value, jax.core.Tracer):
@@ -43,9 +43,20 @@ class Qwen2VL(nn.Module):
         prepared = prepare_inputs(
             self.config, input_ids, attention_mask, image_grid_thw, video_grid_thw,
             image_rows=None if pixel_values is None else pixel_values.shape[0],
-            video_rows=None if pixel_values_videos is None else pixel_values_videos.shape[0])
-        vision_pixels = jnp.concatenate(pixels) if pixels else None
+            video_rows=None if pixel_values_videos is None else pixel_values_videos.shape[0],
+            second_per_grid_ts=second_per_grid_ts)
+        vision_pixels = _packed_pixels(self.config, pixels, prepared["vision_rows"]) if pixels else None
         return self.forward(jnp.asarray(input_ids), prepared, vision_pixels)
+
+    def vision_features(self, pixel_values, grid_thw):
+        """The merged features of some images or videos, as transformers' `visual(pixel_values, grid_thw)` gives them:
+        pixel_values float[N, C·T·P·P], grid_thw int[n, 3] (concrete) → [N / merge², D] in processor order."""
+        grids = grid_array(grid_thw, "grid_thw", self.config.vision.spatial_merge_size)
+        layout = vision_layout(grids, self.config.vision.spatial_merge_size,
+                               window_units=self.config.vision.window_units)
+        pixels = _packed_pixels(self.config, [pixel_values], layout.rows)
+        merged = self.encode_vision(pixels, jnp.asarray(layout.pos_hw), jnp.asarray(layout.segment_ids))
+        return jnp.take(merged, jnp.asarray(layout.feature_slot), axis=0)
 
     def forward(self, input_ids, prepared, vision_pixels=None):
         """Static shapes only. input_ids: int[B, L]; prepared: the dict from `prepare_inputs`;
@@ -139,6 +150,13 @@ class Qwen2VL(nn.Module):
         """input_ids, attention_mask: int[B, L]; position_ids: int[3, B, L] → logits float32[B, L, V]."""
         embeds = self.embed(input_ids, features, splice_index)
         return self.language_model(embeds, position_ids, jnp.asarray(attention_mask, jnp.int32))
+
+
+def _packed_pixels(config: Qwen2VLConfig, pixels: list, rows: np.ndarray):
+    """[pixel_values; pixel_values_videos] in the packed ViT's row order (`vision_rows`: the window order of
+    Qwen2.5-VL; Qwen2-VL packs them as they are)."""
+    pixels = jnp.concatenate([jnp.asarray(p) for p in pixels])
+    return jnp.take(pixels, jnp.asarray(rows), axis=0) if config.vision.windowed else pixels
 
 
 def _cache_sharding(cache):

@@ -49,21 +49,27 @@ def mrope(position_ids: jax.Array, head_dim: int, theta: float,
 
 def get_rope_index(input_ids: np.ndarray, attention_mask: np.ndarray | None, image_grid_thw: np.ndarray | None,
                    video_grid_thw: np.ndarray | None, *, image_token_id: int, video_token_id: int,
-                   spatial_merge_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """M-RoPE positions for a (left-)padded batch, host side (numpy), by the original Qwen2-VL rule.
+                   spatial_merge_size: int = 2, second_per_grid_ts=None,
+                   tokens_per_second: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE positions for a (left-)padded batch, host side (numpy), by the released Qwen2-VL / Qwen2.5-VL rule.
 
     input_ids, attention_mask: int[B, L]; grids: int[n, 3] in order of appearance across the batch.
     Returns position_ids int32[3, B, L] (padded slots hold 1) and rope_deltas int32[B] such that decode step k
     of row b sits at position (real length + k) + rope_deltas[b] on all three rows.
 
-    A text span continues at the max of ALL positions so far + 1 — after a vision block with LLM grid
-    (t, h, w) that is start + max(t, h, w). transformers 5.x uses start + max(h, w), which differs when t is the
-    largest (long or low-resolution videos); the released checkpoints follow this rule."""
+    Qwen2-VL (tokens_per_second None): a vision block's time positions are start + 0, 1, … t−1. Qwen2.5-VL
+    (tokens_per_second given): a video's frame-pair i sits at start + int(i · float32(tokens_per_second ·
+    second_per_grid_ts[v])) (truncated after the multiply; second_per_grid_ts None → 1.0), an image's at start.
+    A text span continues at the max of ALL positions so far + 1. transformers 5.x continues at start + max(h, w)
+    instead, which differs when the time positions reach further (long, low-resolution or time-scaled videos);
+    the released checkpoints follow this rule."""
     input_ids = np.asarray(input_ids)
     batch, length = input_ids.shape
     mask = np.ones_like(input_ids, dtype=bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     grids = {image_token_id: iter(_rows(image_grid_thw)), video_token_id: iter(_rows(video_grid_thw))}
     names = {image_token_id: "image_grid_thw", video_token_id: "video_grid_thw"}
+    seconds = iter(np.ones(len(_rows(video_grid_thw)), np.float32) if second_per_grid_ts is None
+                   else np.asarray(second_per_grid_ts, np.float32).reshape(-1))
     positions = np.ones((3, batch, length), np.int32)
     deltas = np.zeros((batch,), np.int32)
     for b in range(batch):
@@ -82,9 +88,16 @@ def get_rope_index(input_ids: np.ndarray, attention_mask: np.ndarray | None, ima
                     raise ValueError(f"row {b}: a {names[token]} entry {tuple(int(g) for g in grid)} needs {count} "
                                      f"consecutive placeholder tokens at position {i}; expand each placeholder to "
                                      "grid.prod() / merge_size**2 copies (the Processor does this)")
-                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+                times = np.arange(t)
+                if tokens_per_second is not None and token == video_token_id:
+                    second = next(seconds, None)
+                    if second is None:
+                        raise ValueError("second_per_grid_ts has fewer entries than video_grid_thw: pass one per video")
+                    interval = np.float32(tokens_per_second) * np.float32(second)
+                    times = (times.astype(np.float32) * interval).astype(np.int64)
+                tt, hh, ww = np.meshgrid(times, np.arange(h), np.arange(w), indexing="ij")
                 pieces.append(np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + start)
-                start += max(t, h, w)
+                start = int(pieces[-1].max()) + 1
                 i += count
             else:
                 j = i

@@ -168,7 +168,7 @@ def test_vision_padding_is_cheap_and_changes_nothing():
     pixels = np.random.default_rng(0).standard_normal((real, cfg.vision.patch_dim)).astype(np.float32)
     features = {}
     for bucket in (real, 4096):
-        pos, seg = vision_layout(grids, 2, bucket)
+        pos, seg = vision_layout(grids, 2, bucket)[:2]
         assert (seg[real:] < 0).all() and len(set(seg[real:PADDING_RUN + real].tolist())) <= 2
         padded = np.concatenate([pixels, np.zeros((bucket - real, cfg.vision.patch_dim), np.float32)])
         features[bucket] = np.asarray(Qwen2VL(cfg).apply({"params": params}, padded, pos, seg,

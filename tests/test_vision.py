@@ -22,7 +22,7 @@ def test_vit_matches_transformers(name, case):
     px = pixels(np.random.default_rng(0), grids)
     with torch.no_grad():
         out = model.model.visual(torch.from_numpy(px), grid_thw=torch.from_numpy(grids))
-    pos, seg = vision_layout(grids, cfg.vision.spatial_merge_size)
+    pos, seg = vision_layout(grids, cfg.vision.spatial_merge_size)[:2]
     merged, hidden = Qwen2VL(cfg).apply({"params": params}, px, pos, seg, method=lambda m, *a: m.visual(
         *a, return_hidden=True))
     np.testing.assert_allclose(np.asarray(hidden), out.last_hidden_state.numpy(), atol=1e-5, rtol=0)
@@ -36,14 +36,14 @@ def test_padding_rows_do_not_change_real_features():
     px = pixels(np.random.default_rng(1), grids)
     apply = lambda p, pos, seg: np.asarray(Qwen2VL(cfg).apply({"params": params}, p, pos, seg,
                                                               method=Qwen2VL.encode_vision))
-    exact = apply(px, *vision_layout(grids, 2))
+    exact = apply(px, *vision_layout(grids, 2)[:2])
     padded_px = np.concatenate([px, 7.0 * np.ones((16, px.shape[1]), np.float32)])
-    padded = apply(padded_px, *vision_layout(grids, 2, pad_to=len(px) + 16))
+    padded = apply(padded_px, *vision_layout(grids, 2, pad_to=len(px) + 16)[:2])
     np.testing.assert_allclose(padded[: len(exact)], exact, atol=1e-6, rtol=0)
 
 
 def test_vision_layout_rows_are_block_major():
-    pos, seg = vision_layout(np.array([(2, 2, 4)]), 2)
+    pos, seg = vision_layout(np.array([(2, 2, 4)]), 2)[:2]
     # one frame: h-block 0, w-blocks 0 and 1, each 2×2 block row-major inside
     frame = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (1, 3)]
     np.testing.assert_array_equal(pos, np.array(frame * 2))

@@ -66,14 +66,17 @@ def _rules(cfg: Qwen2VLConfig) -> list[tuple[str, Path, Callable[[np.ndarray], n
         (B + r"attn\.proj\.weight", vis + ("blocks_{i}", "attn", "proj", "kernel"),
          heads_out(v.num_heads, v.head_dim)),
         (B + r"attn\.proj\.bias", vis + ("blocks_{i}", "attn", "proj", "bias"), same),
-        *[(B + rf"mlp\.{n}\.weight", vis + ("blocks_{i}", "mlp", n, "kernel"), linear) for n in ("fc1", "fc2")],
-        *[(B + rf"mlp\.{n}\.bias", vis + ("blocks_{i}", "mlp", n, "bias"), same) for n in ("fc1", "fc2")],
+        *[(B + rf"mlp\.{n}\.weight", vis + ("blocks_{i}", "mlp", n, "kernel"), linear) for n in _VISION_MLP],
+        *[(B + rf"mlp\.{n}\.bias", vis + ("blocks_{i}", "mlp", n, "bias"), same) for n in _VISION_MLP],
         (r"visual\.merger\.ln_q\.weight", vis + ("merger", "ln_q", "scale"), same),
         (r"visual\.merger\.ln_q\.bias", vis + ("merger", "ln_q", "bias"), same),
         *[(rf"visual\.merger\.mlp\.{j}\.weight", vis + ("merger", f"mlp_{j}", "kernel"), linear) for j in (0, 2)],
         *[(rf"visual\.merger\.mlp\.{j}\.bias", vis + ("merger", f"mlp_{j}", "bias"), same) for j in (0, 2)],
     ]
     return [(pattern, path, fns[0], fns[1]) for pattern, path, fns in table]
+
+
+_VISION_MLP = ("fc1", "fc2", "gate_proj", "up_proj", "down_proj")  # Qwen2-VL's two, Qwen2.5-VL's three
 
 
 class UnknownTensor(KeyError):
@@ -126,11 +129,15 @@ def expected_torch_names(cfg: Qwen2VLConfig) -> list[str]:
         names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight", p + "self_attn.o_proj.weight"]
         names += [p + f"self_attn.{x}_proj.{w}" for x in "qkv" for w in ("weight", "bias")]
         names += [p + f"mlp.{x}.weight" for x in ("gate_proj", "up_proj", "down_proj")]
+    windowed = cfg.vision.windowed  # Qwen2.5-VL: RMSNorms (no bias), SwiGLU
+    mlp = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") if windowed else ("mlp.fc1", "mlp.fc2")
+    norm_parts = ("weight",) if windowed else ("weight", "bias")
     for i in range(cfg.vision.depth):
         p = f"visual.blocks.{i}."
-        names += [p + f"{m}.{w}" for m in ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-                  for w in ("weight", "bias")]
-    names += [f"visual.merger.{m}.{w}" for m in ("ln_q", "mlp.0", "mlp.2") for w in ("weight", "bias")]
+        names += [p + f"{m}.{w}" for m in ("norm1", "norm2") for w in norm_parts]
+        names += [p + f"{m}.{w}" for m in ("attn.qkv", "attn.proj") + mlp for w in ("weight", "bias")]
+    names += [f"visual.merger.ln_q.{w}" for w in norm_parts]
+    names += [f"visual.merger.{m}.{w}" for m in ("mlp.0", "mlp.2") for w in ("weight", "bias")]
     return names
 
 

@@ -168,19 +168,23 @@ class Processor:
         return {"pixel_values": np.concatenate(rows), "image_grid_thw": np.stack(grids)}
 
     def preprocess_videos(self, videos: Sequence[Any]) -> dict[str, np.ndarray]:
-        """Videos (see preprocess_video) → {"pixel_values_videos": float32[M, 1176], "video_grid_thw": int64[n, 3]}."""
-        rows, grids = zip(*(self.preprocess_video(video) for video in videos))
-        return {"pixel_values_videos": np.concatenate(rows), "video_grid_thw": np.stack(grids)}
+        """Videos (see preprocess_video) → {"pixel_values_videos": float32[M, 1176], "video_grid_thw": int64[n, 3],
+        "second_per_grid_ts": float32[n]} (Qwen2.5-VL's time per frame-pair; Qwen2-VL models ignore it)."""
+        rows, grids, seconds = zip(*(self.preprocess_video(video) for video in videos))
+        return {"pixel_values_videos": np.concatenate(rows), "video_grid_thw": np.stack(grids),
+                "second_per_grid_ts": np.array(seconds, np.float32)}
 
-    def preprocess_video(self, video: Any) -> tuple[np.ndarray, np.ndarray]:
-        """One video → (float32[M, 1176], grid_thw int64[3]): fetch_video (a file path, a qwen-vl-utils item dict,
-        a frame folder / .npy, an array or a list of frames), then the item's min_pixels / max_pixels /
-        total_pixels over video_options."""
-        frames, _ = fetch_video(video)
+    def preprocess_video(self, video: Any) -> tuple[np.ndarray, np.ndarray, float]:
+        """One video → (float32[M, 1176], grid_thw int64[3], seconds per frame-pair): fetch_video (a file path, a
+        qwen-vl-utils item dict, a frame folder / .npy, an array or a list of frames), then the item's min_pixels /
+        max_pixels / total_pixels over video_options. Seconds per frame-pair = temporal_patch_size / the sampled fps
+        (already-sampled frames: the item's "fps", default 2), as transformers' Qwen2.5-VL processor gives it."""
+        frames, metadata = fetch_video(video)
         options = self.video_options.kwargs()
         if isinstance(video, Mapping):
             options.update({k: video[k] for k in VIDEO_PIXEL_KEYS if video.get(k) is not None})
-        return preprocess_video(frames, **options)
+        values, grid = preprocess_video(frames, **options)
+        return values, grid, self.video_options.temporal_patch_size / metadata.sample_fps
 
     def __call__(
         self,
