@@ -221,7 +221,7 @@ def collate(requests: Sequence[dict], pad_token_id: int) -> dict:
             out[pixels] = np.concatenate([np.asarray(r[pixels]) for r in parts])
             out[grid] = np.concatenate([np.asarray(r[grid]).reshape(-1, 3) for r in parts])
     videos = [r for r in requests if r.get("pixel_values_videos") is not None]
-    if videos:  # 1.0 per video of a request that has none (transformers' default)
+    if any(r.get("second_per_grid_ts") is not None for r in videos):  # 1.0 per video of a request without (HF's default)
         out["second_per_grid_ts"] = np.concatenate([
             np.asarray(r["second_per_grid_ts"], np.float32).reshape(-1) if r.get("second_per_grid_ts") is not None
             else np.ones(len(np.asarray(r["video_grid_thw"]).reshape(-1, 3)), np.float32) for r in videos])

@@ -6,10 +6,11 @@ Model FLOPs (the MFU numerator, no rematerialization counted), per step for the 
     P_text   = layers · (d·q + 2·d·kv + q·d + 3·d·ffn)       matmul weights one text position touches (no embedding
                                                             lookup, no biases/norms); all B·L positions, padding too
     P_head   = vocab · d                                    the LM head, at the K = B·L/8 selected positions
-    P_vision = patch_dim·e + depth·(4e² + 2·e·mlp) + (g² + g·d)/merge²   per ViT patch (g = merge²·e: the merger)
-    attention = 3 · 4 · (layers · q · B · L²/2  +  depth · e · B · n²)  (forward QKᵀ and PV, 2 FLOPs per MAC, ×3
-                for forward + backward; text causal: L²/2 pairs per row; ViT: one image of n = V/B patches per
-                sample, full attention inside the image)
+    P_vision = patch_dim·e + depth·(4e² + m·e·mlp) + (g² + g·d)/merge²   per ViT patch (g = merge²·e: the merger;
+               m = 2 MLP matrices, 3 for Qwen2.5-VL's SwiGLU)
+    attention = 3 · 4 · (layers · q · B · L²/2  +  e · B · n · Σ_blocks seen)  (forward QKᵀ and PV, 2 FLOPs per MAC,
+                ×3 for forward + backward; text causal: L²/2 pairs per row; ViT: one image of n = V/B patches per
+                sample; a full block's patch sees n patches, a Qwen2.5-VL window block's min(n, window patches))
 
 The step itself executes more: remat "full" recomputes the forward (hardware ≈ 8/6 of the 6·P matmul FLOPs),
 "dots"/"dots_no_batch" recompute only cheap elementwise work (counted as 1×).
@@ -46,12 +47,17 @@ def model_flops(config, batch: int, seq: int, patches_per_sample: int, head_posi
     tokens, patches = batch * seq, batch * patches_per_sample
     head_positions = tokens if head_positions is None else head_positions
     p_text = t.num_hidden_layers * (d * q + 2 * d * kv + q * d + 3 * d * t.intermediate_size)
-    p_vision = (v.patch_dim * e + v.depth * (4 * e * e + 2 * e * v.mlp_dim)
+    mlp_matrices = 3 if v.windowed else 2  # Qwen2.5-VL's SwiGLU: gate, up, down
+    p_vision = (v.patch_dim * e + v.depth * (4 * e * e + mlp_matrices * e * v.mlp_dim)
                 + (group * group + group * v.hidden_size) / v.spatial_merge_size**2)
+    # a window block's query sees one window (window_units² · merge² patches) rather than the whole image
+    window = (v.window_units * v.spatial_merge_size) ** 2 if v.windowed else patches_per_sample
+    full_blocks = sum(v.full_attention_blocks)
+    seen = full_blocks * patches_per_sample + (v.depth - full_blocks) * min(window, patches_per_sample)
     out = {"text": 6.0 * p_text * tokens, "head": 6.0 * t.vocab_size * d * head_positions,
            "vision": 6.0 * p_vision * patches,
            "attention_text": 12.0 * t.num_hidden_layers * q * batch * seq * seq / 2,
-           "attention_vision": 12.0 * v.depth * e * batch * patches_per_sample**2}
+           "attention_vision": 12.0 * e * batch * patches_per_sample * seen}
     out["total"] = sum(out.values())
     return out
 

@@ -27,6 +27,8 @@ import os
 import sys
 import time
 
+from qwen2vl_jax.config import PRESETS
+
 HBM = {"v5e": 16e9, "v5p": 95e9, "v4": 32e9, "v6e": 32e9}  # = sharding.flops.CHIPS[chip]["hbm"]
 
 
@@ -34,8 +36,10 @@ def analytic_param_count(config) -> int:
     """Closed-form parameter count from the config's sizes (checked against the model's own in the tests)."""
     v, t = config.vision, config.text
     e, m, group = v.embed_dim, v.mlp_dim, v.spatial_merge_size**2 * v.embed_dim
-    vision = (v.patch_dim * e + v.depth * (4 * e + 3 * e * e + 3 * e + e * e + e + e * m + m + m * e + e)
-              + 2 * e + group * group + group + group * v.hidden_size + v.hidden_size)
+    norms = 2 * e if v.windowed else 4 * e  # two RMSNorm scales, or two LayerNorms with biases
+    mlp = 3 * e * m + 2 * m + e if v.windowed else e * m + m + m * e + e  # SwiGLU (with biases) or fc1/fc2
+    vision = (v.patch_dim * e + v.depth * (norms + 3 * e * e + 3 * e + e * e + e + mlp)
+              + (e if v.windowed else 2 * e) + group * group + group + group * v.hidden_size + v.hidden_size)
     d, q, kv = t.hidden_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     layer = 2 * d + d * q + q + 2 * (d * kv + kv) + q * d + 3 * d * t.intermediate_size
     text = t.vocab_size * d * (1 if t.tie_word_embeddings else 2) + t.num_hidden_layers * layer + d
@@ -292,7 +296,7 @@ def _config(preset: str, text_layers: int | None):
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m sharding.plan", description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="2b", choices=["tiny", "2b", "7b", "72b"])
+    parser.add_argument("--preset", default="2b", choices=sorted(PRESETS))
     parser.add_argument("--mesh", default="fsdp=8", help="axis=size,... over data, fsdp, tensor (sizes multiply "
                                                          "to the device count; no -1 here)")
     parser.add_argument("--dcn", help="slices per axis for multi-slice, e.g. data=2")

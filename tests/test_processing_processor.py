@@ -115,7 +115,10 @@ def test_video_end_to_end(processor):
         }
     ]
     out = processor(messages)
-    assert set(out) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"}
+    assert set(out) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                        "video_grid_thw", "second_per_grid_ts"}
+    # already-sampled frames count as 2 fps (qwen-vl-utils' default): 2 frames per grid step = 1 s (Qwen2.5-VL time)
+    np.testing.assert_array_equal(out["second_per_grid_ts"], np.array([1.0], np.float32))
     values, grid = preprocess_video(video)  # qwen-vl-utils bounds: scaled up to 128·28² per frame
     np.testing.assert_array_equal(out["pixel_values_videos"], values)
     np.testing.assert_array_equal(out["video_grid_thw"], grid[None])

@@ -345,13 +345,19 @@ def _conversation(video_item):
 def test_processor_takes_files_like_frames(clips, processor):
     path = clips["h264.mp4"]
     everything, rate = full_decode(path)
-    frames = everything[reference_indices({}, len(everything), rate)]
+    indices = reference_indices({}, len(everything), rate)
+    frames = everything[indices]
     expected = processor(_conversation({"type": "video"}), videos=[frames])
+    # Qwen2.5-VL's seconds per frame-pair: temporal_patch_size / the sampled fps (frames kept / frames spanned · fps);
+    # the bare frames count as 2 fps
+    sampled_fps = len(indices) / len(everything) * rate
     for batch in (processor(_conversation({"type": "video", "video": path})),
                   processor(_conversation({"type": "video"}), videos=[path])):
         assert batch.keys() == expected.keys()
-        for key in expected:
+        for key in set(expected) - {"second_per_grid_ts"}:
             np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
+        np.testing.assert_allclose(batch["second_per_grid_ts"], [2 / sampled_fps], rtol=1e-6)
+        assert expected["second_per_grid_ts"].tolist() == [1.0]
 
 
 def test_processor_applies_item_options(clips, processor):
@@ -366,7 +372,7 @@ def test_processor_applies_item_options(clips, processor):
                        dataclasses.replace(processor.video_options, **pixels))
     expected = narrow(_conversation({"type": "video"}), videos=[frames])
     batch = processor(_conversation(item))
-    for key in expected:
+    for key in set(expected) - {"second_per_grid_ts"}:
         np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
     default = processor(_conversation({"type": "video", "video": path}))
     assert batch["video_grid_thw"][0, 0] == len(frames) // 2 > default["video_grid_thw"][0, 0]

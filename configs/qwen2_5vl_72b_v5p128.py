@@ -1,0 +1,21 @@
+"""Qwen2.5-VL-72B, LLM + merger trainable with the ViT frozen, on a TPU v5p-128 slice (64 chips × 95 GB, 16 hosts:
+run the same command on every host, e.g. `gcloud compute tpus tpu-vm ssh NAME --worker=all --command=...`).
+
+    qwen2vl-train --config configs/qwen2_5vl_72b_v5p128.py --workdir gs://BUCKET/runs/2.5-72b \\
+        --config.init_from=gs://BUCKET/qwen2.5vl-72b --config.data.train=jsonl:gs://BUCKET/data/train.jsonl
+
+Fit (python -m sharding.plan --preset 2.5-72b --mesh fsdp=16,tensor=4 --batch 64 --seq 4096 --remat full --hbm 95G,
+bench/results/plan/2.5-72b_v5p128.json): 88.1 GB peak per chip of 95 GB with every group trainable; with the ViT
+frozen no optimizer state is kept for it, so it sits a little lower."""
+from configs.common import base
+
+
+def get_config():
+    c = base()
+    c.stage = "llm"
+    c.mesh = "fsdp=16,tensor=4"
+    c.model.preset = "2.5-72b"
+    c.data.update(dict(batch_size=64, length_buckets=(1024, 2048, 4096), vision_buckets=(16384, 32768, 65536)))
+    c.optim.update(dict(learning_rate=5e-6, warmup_steps=200))
+    c.steps = 5000
+    return c
