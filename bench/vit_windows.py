@@ -27,7 +27,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from qwen2vl_jax import Qwen2VL, Qwen2VLConfig, TextConfig  # noqa: E402
+from qwen2vl_jax import Qwen2VL, Qwen2VLConfig  # noqa: E402
 from qwen2vl_jax.inputs import gather_vision_pixels, prepare_inputs  # noqa: E402
 from qwen2vl_jax.model import init_params  # noqa: E402
 
@@ -38,9 +38,10 @@ def _config(depth: int, full: tuple[int, ...]) -> Qwen2VLConfig:
     """The 2.5-7b ViT with `depth` blocks (full attention at `full`) over a one-layer stub decoder (only the ViT
     runs; the stub keeps init from allocating 7B text weights)."""
     base = Qwen2VLConfig.preset("2.5-7b")
-    stub = TextConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
-                      num_key_value_heads=1, mrope_section=(8, 12, 12))
-    return base.replace(vision=dataclasses.replace(base.vision, depth=depth, fullatt_block_indexes=full), text=stub)
+    stub = dataclasses.replace(base.text, vocab_size=16, intermediate_size=64, num_hidden_layers=1)
+    return base.replace(vision=dataclasses.replace(base.vision, depth=depth, fullatt_block_indexes=full), text=stub,
+                        image_token_id=5, video_token_id=6, vision_start_token_id=7, vision_end_token_id=8,
+                        bos_token_id=9, eos_token_id=10, pad_token_id=9)
 
 
 def _best(fn, args, repeats: int) -> float:

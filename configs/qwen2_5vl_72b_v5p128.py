@@ -7,15 +7,10 @@ run the same command on every host, e.g. `gcloud compute tpus tpu-vm ssh NAME --
 Fit (python -m sharding.plan --preset 2.5-72b --mesh fsdp=16,tensor=4 --batch 64 --seq 4096 --remat full --hbm 95G,
 bench/results/plan/2.5-72b_v5p128.json): 88.1 GB peak per chip of 95 GB with every group trainable; with the ViT
 frozen no optimizer state is kept for it, so it sits a little lower."""
-from configs.common import base
+from configs.qwen2vl_72b_v5p128 import get_config as qwen2vl_recipe
 
 
 def get_config():
-    c = base()
-    c.stage = "llm"
-    c.mesh = "fsdp=16,tensor=4"
+    c = qwen2vl_recipe()  # the Qwen2-VL recipe for this slice (mesh, stage, batch, buckets, optimizer)
     c.model.preset = "2.5-72b"
-    c.data.update(dict(batch_size=64, length_buckets=(1024, 2048, 4096), vision_buckets=(16384, 32768, 65536)))
-    c.optim.update(dict(learning_rate=5e-6, warmup_steps=200))
-    c.steps = 5000
     return c

@@ -5,12 +5,10 @@
 
 Fit (python -m sharding.plan --preset 2.5-7b --mesh fsdp=4 --batch 16 --seq 2048 --remat full --hbm 95G,
 bench/results/plan/2.5-7b_v5p8.json): 46.2 GB peak per chip of 95 GB."""
-from configs.common import base
+from configs.qwen2vl_7b_v5p8 import get_config as qwen2vl_recipe
 
 
 def get_config():
-    c = base()  # its defaults are this plan's: remat full, scan, bf16 compute, fp32 params, 16 × ≤ 2048 tokens
-    c.mesh = "fsdp=4"
+    c = qwen2vl_recipe()  # the Qwen2-VL recipe for this slice (mesh, stage, batch, buckets, optimizer)
     c.model.preset = "2.5-7b"
-    c.steps = 10000
     return c
