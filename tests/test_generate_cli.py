@@ -42,7 +42,8 @@ def _transformers_answer(folder, model, prompt, image=None, frames=None):
     content = ([{"type": "image"}] if image else []) + ([{"type": "video"}] if frames is not None else [])
     batch = processor([{"role": "user", "content": content + [{"type": "text", "text": prompt}]}],
                       images=[image] if image else None, videos=[frames] if frames is not None else None)
-    kwargs = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind == "i" else v) for k, v in batch.items()}
+    kwargs = {k: torch.from_numpy(v.astype(np.int64) if v.dtype.kind == "i" else v) for k, v in batch.items()
+              if k != "second_per_grid_ts"}  # Qwen2.5-VL's video time: transformers' Qwen2-VL refuses the argument
     kwargs["mm_token_type_ids"] = torch.from_numpy(mm_token_type_ids(Qwen2VLConfig.from_hf(folder),
                                                                      batch["input_ids"]))
     with torch.no_grad():
