@@ -153,3 +153,17 @@ def test_cudnn_packed_layout_describes_the_segment_mask():
         np.testing.assert_allclose(out, reference(q, k, v, seg, causal=causal), atol=1e-12)
     assert not bool(attention_cudnn.packed_segments(seg, max_segments=3)[2])
     assert not bool(attention_cudnn.packed_segments(jnp.asarray([[0, 0, 1, 1, 0]]), max_segments=4)[2])
+
+
+def test_qwen2_5_window_and_frame_segment_ids():
+    """Qwen2.5-VL's packed ViT ids (frame-pair · 2¹⁶ + window: windows of 16–64 rows, edge windows cut short,
+    padding runs) and their frame-pair part, as the window and full-attention blocks pass them: splash serves both."""
+    from qwen2vl_jax.inputs import WINDOW_SLOTS, vision_layout
+
+    layout = vision_layout(np.array([(1, 10, 14), (2, 8, 8)]), 2, pad_to=512, window_units=4)
+    seg = jnp.asarray(layout.segment_ids[None])
+    # 5×7 merged units → 2×2 windows (three cut short); each 4×4-unit frame of the video → one window
+    assert int(seg.max()) // WINDOW_SLOTS == 3 and len(np.unique(layout.segment_ids[:268])) == 4 + 1 + 1
+    q, k, v = qkv(0, 1, seg.shape[1], 2, 80)
+    check_values_and_grads(q, k, v, seg)
+    check_values_and_grads(q, k, v, jnp.where(seg >= 0, seg // WINDOW_SLOTS, seg))
