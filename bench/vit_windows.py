@@ -22,7 +22,6 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,6 +29,7 @@ import numpy as np  # noqa: E402
 from qwen2vl_jax import Qwen2VL, Qwen2VLConfig  # noqa: E402
 from qwen2vl_jax.inputs import gather_vision_pixels, prepare_inputs  # noqa: E402
 from qwen2vl_jax.model import init_params  # noqa: E402
+from vit_packing import _time  # noqa: E402  (bench/ is sys.path[0] when run as a script)
 
 CASES = {"1 x 1344x1344": [(1, 96, 96)], "16 x 336x336": [(1, 24, 24)] * 16}
 
@@ -44,16 +44,6 @@ def _config(depth: int, full: tuple[int, ...]) -> Qwen2VLConfig:
                         bos_token_id=9, eos_token_id=10, pad_token_id=9)
 
 
-def _best(fn, args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def _tower_time(config: Qwen2VLConfig, grids, repeats: int) -> float:
     """Seconds of one jitted encode_vision over the packed grids (random weights, random pixels)."""
     merge2 = config.vision.spatial_merge_size ** 2
@@ -65,7 +55,8 @@ def _tower_time(config: Qwen2VLConfig, grids, repeats: int) -> float:
     params = init_params(config)
     model = Qwen2VL(config)
     fn = jax.jit(lambda p, x, pos, seg: model.apply({"params": p}, x, pos, seg, method=Qwen2VL.encode_vision))
-    return _best(fn, (params, pixels, prepared["vision_pos_hw"], prepared["vision_segment_ids"]), repeats)
+    best_ms, _ = _time(fn, (params, pixels, prepared["vision_pos_hw"], prepared["vision_segment_ids"]), repeats)
+    return best_ms / 1e3
 
 
 def main() -> None:
