@@ -14,7 +14,8 @@ from qwen2vl_jax.vision import VisionTransformer
 
 class Qwen2VL(nn.Module):
     """`apply({"params": p}, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-    video_grid_thw)` → logits float32[B, L, V], for arrays laid out as the Hugging Face processor lays them out.
+    video_grid_thw, second_per_grid_ts)` → logits float32[B, L, V], for arrays laid out as the Hugging Face processor
+    lays them out (second_per_grid_ts: Qwen2.5-VL's seconds per video frame-pair; Qwen2-VL ignores it).
 
     That entry point prepares the data-dependent layout on the host, so its grids must be concrete. Under jit,
     call `qwen2vl_jax.prepare_inputs` outside and use the static-shape methods `encode_vision` and `decode`."""

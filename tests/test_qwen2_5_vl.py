@@ -63,7 +63,7 @@ def reference(name: str):
             else:
                 p.copy_(0.3 * torch.randn_like(p))
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}  # in-memory model.* names
-    return cfg, model, params_from_torch(state, cfg)
+    return cfg, model, jax.device_put(params_from_torch(state, cfg))
 
 
 def request(cfg, pieces, seed, seconds=None) -> dict:
@@ -149,7 +149,12 @@ def released_rope_index(cfg, batch, time_step=None):
 
 
 def _logits(cfg, params, batch) -> np.ndarray:
-    return np.asarray(Qwen2VL(cfg).apply({"params": params}, **batch))
+    """Qwen2VL.apply on the HF-named arrays. Jitted over params and pixels only (the ids and grids stay concrete for
+    the host-side layout): one compilation costs a third of eager op-by-op dispatch here."""
+    pixel_keys = [k for k in ("pixel_values", "pixel_values_videos") if k in batch]
+    rest = {k: v for k, v in batch.items() if k not in pixel_keys}
+    run = jax.jit(lambda p, px: Qwen2VL(cfg).apply({"params": p}, **rest, **px))
+    return np.asarray(run(params, {k: batch[k] for k in pixel_keys}))
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -182,8 +187,7 @@ def test_config_round_trips_through_transformers(name, tmp_path):
 VIT_CASES = {
     "one image": {"A": [IMAGE["A"]], "B": [IMAGE["B"]]},
     "two images of different sizes": {"A": [IMAGE["A"], OTHER_IMAGE["A"]], "B": [IMAGE["B"], OTHER_IMAGE["B"]]},
-    "video": {"A": [(2, 8, 8)], "B": [(3, 10, 14)]},
-    "image then video": {"A": [(1, 4, 6), VIDEO["A"]], "B": [(1, 4, 6), VIDEO["B"]]},
+    "image then video": {"A": [(1, 4, 6), (2, 8, 8)], "B": [(1, 4, 6), (3, 10, 14)]},
 }
 
 
@@ -195,7 +199,8 @@ def test_vit_features_equal_transformers(name, case):
     px = pixels(np.random.default_rng(5), grids)
     with torch.no_grad():
         want = model.model.visual(torch.from_numpy(px), grid_thw=torch.from_numpy(grids)).pooler_output.numpy()
-    got = np.asarray(Qwen2VL(cfg).apply({"params": params}, px, grids, method=Qwen2VL.vision_features))
+    got = np.asarray(jax.jit(lambda p, x: Qwen2VL(cfg).apply({"params": p}, x, grids, method=Qwen2VL.vision_features))(
+        params, px))
     assert got.shape == want.shape == (grids.prod(-1).sum() // 4, cfg.vision.hidden_size)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
@@ -281,6 +286,8 @@ def test_greedy_generate_equals_transformers_per_row(name):
     assert ours.shape == (len(rows), new) and ours.dtype == np.int32
     for i, row in enumerate(rows):
         np.testing.assert_array_equal(ours[i], transformers_generate(model, cfg, row, new), err_msg=f"row {i}")
+    if name == "B":  # the tied model A mostly repeats one token; B's untied answers vary, so they check every step
+        assert max(len(set(row.tolist())) for row in ours) >= 5
 
 
 # ---------------------------------------------------------------------------------------------------- conversion
@@ -320,7 +327,8 @@ def test_conversion_round_trip_is_bit_identical(tmp_path):
     names = set()
     for path, leaf in leaves(params):
         name, array = param_to_torch(path, np.asarray(leaf), cfg)
-        np.testing.assert_array_equal(np.asarray(array).view(np.uint8), before[name].view(np.uint8), err_msg=name)
+        np.testing.assert_array_equal(np.ascontiguousarray(array).view(np.uint8), before[name].view(np.uint8),
+                                      err_msg=name)
         names.add(name)
     assert names == set(before)
     # transformers reads the exported folder back as the same model
@@ -334,19 +342,21 @@ def test_conversion_round_trip_is_bit_identical(tmp_path):
 
 def test_packed_vit_per_batch_shard_on_8_devices_equals_one_device():
     """8 rows over fsdp=8: each batch shard's images / video packed (in window order) as its own ViT sequence, one
-    shard without any; the logits equal one device's single packed sequence."""
+    shard without any; the logits equal one device's single packed sequence (which equals transformers')."""
     from qwen2vl_jax import prepare_inputs
     from qwen2vl_jax.inputs import gather_vision_pixels
     from sharding.mesh import make_mesh
     from sharding.rules import axis_rules, batch_shard_count, param_shardings
 
     assert len(jax.devices()) == 8, "conftest asks XLA for 8 CPU devices"
-    cfg, _, params = reference("B")
+    cfg, model, params = reference("B")
     pieces = [[1, ("image", IMAGE["B"]), 2], [3, ("image", (1, 8, 8)), 1], [2, ("image", (1, 6, 10)), 2], [6],
               [1, ("image", (1, 4, 12)), 3], [2, ("video", VIDEO["B"]), 1], [1, ("image", (1, 10, 6)), 4],
               [2, ("image", IMAGE["B"]), 1, ("image", (1, 4, 4)), 1]]
     batch = batch_of(cfg, [request(cfg, p, 20 + i, SECONDS["B"]) for i, p in enumerate(pieces)])
     one = _logits(cfg, params, batch)
+    real = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(one[real], torch_logits(model, cfg, batch)[real], atol=1e-4, rtol=0)
     mesh = make_mesh("fsdp=8")
     shards = batch_shard_count(mesh)
     assert shards == 8
@@ -362,5 +372,4 @@ def test_packed_vit_per_batch_shard_on_8_devices_equals_one_device():
     with jax.set_mesh(mesh), axis_rules(mesh):
         sharded = jax.device_put(params, param_shardings(cfg, mesh))
         eight = np.asarray(forward(sharded, batch["input_ids"], prepared, vision))
-    real = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(eight[real], one[real], atol=2e-5, rtol=0)
