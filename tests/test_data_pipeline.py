@@ -203,9 +203,9 @@ def test_worker_processes_give_the_same_batches_and_resume(demo, tmp_path):
                                               got.extend(next(resumed)["example_ids"] for _ in range(3))),
                               daemon=True)
     reader.start()
-    reader.join(timeout=180)
+    reader.join(timeout=90)
     if reader.is_alive():
-        pytest.xfail("grain 0.2.18 mp_prefetch set_state deadlock (upstream race): resumed iterator stalled 180 s")
+        pytest.xfail("grain 0.2.18 mp_prefetch set_state deadlock (upstream race): resumed iterator stalled 90 s")
     assert got == [b["example_ids"] for b in expected[3:]]
 
 
