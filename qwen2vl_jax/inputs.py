@@ -91,9 +91,10 @@ def vision_layout(grids: np.ndarray, merge_size: int, pad_to: int | None = None,
         else:
             unit_order, windows = np.arange(units), np.zeros(units, np.int64)
         frame_rows = (unit_order[:, None] * group + np.arange(group)).ravel()
+        frame = frame[frame_rows]
         for _ in range(t):
             segment += 1
-            positions.append(frame[frame_rows])
+            positions.append(frame)
             segments.append(np.repeat(segment * WINDOW_SLOTS + windows if window_units else
                                       np.full(units, segment), group))
             rows.append(row0 + frame_rows)

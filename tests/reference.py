@@ -42,17 +42,23 @@ def reference(name: str, seed: int = 0):
     cfg = CONFIGS[name]
     torch.manual_seed(seed)
     model = transformers.Qwen2VLForConditionalGeneration(hf_config(cfg)).eval()
+    redraw(model)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return cfg, model, params_from_torch(state, cfg)
+
+
+def redraw(model) -> None:
+    """Redraws every tensor of a transformers model in place (from torch's current seed): norm weights 1 + 0.1·randn,
+    matrices randn / sqrt(fan_in) (unit-scale activations), embeddings and biases 0.3·randn."""
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname.endswith("norm.weight") or "layernorm" in pname or "norm1.weight" in pname or \
                     "norm2.weight" in pname or "ln_q.weight" in pname:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif p.ndim >= 2 and "embed_tokens" not in pname:  # unit-scale activations: std 1/sqrt(fan_in)
+            elif p.ndim >= 2 and "embed_tokens" not in pname:
                 p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
             else:
                 p.copy_(0.3 * torch.randn_like(p))
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    return cfg, model, params_from_torch(state, cfg)
 
 
 def mm_token_type_ids(cfg: Qwen2VLConfig, input_ids: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from qwen2vl_jax import Qwen2VL, Qwen2VLConfig, TextConfig, VisionConfig, generate
-from reference import _TOKENS, left_pad, mm_token_type_ids, pixels, prompt, transformers_generate
+from reference import _TOKENS, left_pad, redraw, mm_token_type_ids, pixels, prompt, transformers_generate
 
 CONFIGS = {
     "A": Qwen2VLConfig(
@@ -53,15 +53,7 @@ def reference(name: str):
     cfg = CONFIGS[name]
     torch.manual_seed({"A": 11, "B": 12}[name])
     model = transformers.Qwen2_5_VLForConditionalGeneration(_hf_config(cfg)).eval()
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight") or "layernorm" in pname or "norm1.weight" in pname or \
-                    "norm2.weight" in pname or "ln_q.weight" in pname:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif p.ndim >= 2 and "embed_tokens" not in pname:  # unit-scale activations: std 1/sqrt(fan_in)
-                p.copy_(torch.randn_like(p) / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.3 * torch.randn_like(p))
+    redraw(model)
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}  # in-memory model.* names
     return cfg, model, jax.device_put(params_from_torch(state, cfg))
 
