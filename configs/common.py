@@ -17,7 +17,7 @@ def base() -> ml_collections.ConfigDict:
         preset="2b",  # used without init_from
         vocab_size=0,  # 0: the preset's; -1: the tokenizer's size rounded up to 64
         text={}, vision={},  # preset field overrides, e.g. text=dict(num_hidden_layers=2)
-        dtype="bfloat16", param_dtype="float32", remat="full", scan_layers=True, attention="xla"))
+        dtype="bfloat16", param_dtype="float32", remat="full", scan_layers=True, attention="auto"))
     c.data = ml_collections.ConfigDict(dict(
         train="", eval="",  # source specs: jsonl:PATH[?root=DIR] | tfds:NAME[:SPLIT] | PATH.jsonl
         data_dir="",  # tfds data_dir; "" = WORKDIR/data

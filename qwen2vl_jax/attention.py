@@ -3,7 +3,10 @@
 `dot_product_attention(q, k, v, *, segment_ids, kv_segment_ids, causal, implementation)` is the only entry point the
 model uses. Backends (the `implementation` argument):
 
-- "xla" (default, any device): picks "xla_blockwise" for long self-attention with shared segment ids or causal
+- "auto" (default): the fastest exact backend for the devices the program is compiled for (`target_platform`: the
+  active mesh's devices, so an ahead-of-time compile for a TPU topology picks the TPU kernel, else JAX's default
+  backend): "pallas_tpu" on TPU, "cudnn" on GPU for bfloat16/float16 inputs, "xla" otherwise (CPU, float32 on GPU).
+- "xla" (any device): picks "xla_blockwise" for long self-attention with shared segment ids or causal
   masking (Lq = Lk ≥ BLOCKWISE_MIN_LENGTH), else "xla_dense". Both are exact (float32 softmax).
 - "xla_dense": one masked [B, H, Lq, Lk] softmax. Cost and memory ∝ Lq·Lk.
 - "xla_blockwise": flash-style online softmax over kv blocks that skips blocks no query of a block can see
@@ -11,8 +14,11 @@ model uses. Backends (the `implementation` argument):
   (Σ nᵢ)²; causal masks skip the upper triangle. Differentiable (custom VJP), jit/grad/scan safe.
 - "cudnn": cuDNN flash attention (attention_cudnn.py) with segment ids as cuDNN's packed-sequence offsets, never a
   dense mask; cases cuDNN cannot express run blockwise. GPU only, float16/bfloat16 only.
-- "pallas_tpu": Pallas TPU splash attention with segment ids, GQA without repeated k/v (attention_pallas.py); TPU
-  only, or anywhere inside `pallas_interpret()` (Pallas TPU interpret mode, for tests on CPU).
+- "pallas_tpu": Pallas TPU splash attention with segment ids, GQA without repeated k/v, block-sparse from the segment
+  ids at run time (attention_pallas.py); TPU only, or anywhere inside `pallas_interpret()` (Pallas TPU interpret
+  mode, for tests on CPU).
+
+Negative segment ids mark padding on every backend: such a row sees no key and returns 0 (and no other row sees it).
 
 Under a mesh (`jax.set_mesh` + `sharding.rules.axis_rules`), every backend runs per device inside `jax.shard_map`:
 the batch dim over the mesh axes the active rules give the logical name "batch", heads over those of "heads"
@@ -25,29 +31,33 @@ import jax.numpy as jnp
 from qwen2vl_jax.attention_blockwise import DEFAULT_BLOCK_SIZE, blockwise_attention, visited_block_pairs
 from qwen2vl_jax.attention_cudnn import cudnn_attention
 from qwen2vl_jax.attention_pallas import pallas_interpret, pallas_tpu_attention
+from qwen2vl_jax.attention_pallas import visited_block_pairs as splash_visited_block_pairs
 from qwen2vl_jax.attention_sharding import per_device
 
-IMPLEMENTATIONS = ("xla", "xla_dense", "xla_blockwise", "cudnn", "pallas_tpu")
+IMPLEMENTATIONS = ("auto", "xla", "xla_dense", "xla_blockwise", "cudnn", "pallas_tpu")
 # "xla" switches from the dense to the blockwise path at this (query = key) length. Measured on a shared 2-core CPU,
 # fwd / fwd+bwd ms, dense vs blockwise: ViT-2B heads (16 × 80, 4 images) L=256 7.0/22.7 vs 7.6/23.0, L=512 45/145 vs
 # 13/49; 2B decoder (12/2 heads × 128, causal, B=2) L=256 13/43 vs 15/50, L=512 82/253 vs 38/139.
 BLOCKWISE_MIN_LENGTH = 512
 
 __all__ = ["BLOCKWISE_MIN_LENGTH", "DEFAULT_BLOCK_SIZE", "IMPLEMENTATIONS", "cached_attention", "dot_product_attention",
-           "pallas_interpret", "visited_block_pairs"]
+           "pallas_interpret", "resolve_implementation", "splash_visited_block_pairs", "target_platform",
+           "visited_block_pairs"]
 
 
-def dot_product_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=False, implementation="xla"):
+def dot_product_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=False, implementation="auto"):
     """Multi-head / grouped-query attention with segment and causal masks.
 
     q: [B, Lq, H, D]; k, v: [B, Lk, Hkv, D] with H % Hkv == 0 (GQA: query head h uses kv head h // (H // Hkv)).
     segment_ids: int32[B, Lq] (kv_segment_ids: int32[B, Lk], defaults to segment_ids, which then needs Lq == Lk):
     a query attends only to keys of the same segment id. causal: additionally only keys at position <= the query's,
     aligned at the end when Lq < Lk (query i sits at position Lk - Lq + i). Scale D**-0.5. Logits and softmax in
-    float32 whatever the input dtype; returns [B, Lq, H, D] in q.dtype. A query row that can see no key returns 0.
+    float32 whatever the input dtype; returns [B, Lq, H, D] in q.dtype. A query row that can see no key returns 0;
+    so does a row whose segment id is negative (padding).
     implementation: one of IMPLEMENTATIONS (see the module docstring).
     """
     _check_inputs(q, k, v, segment_ids, kv_segment_ids)
+    implementation = resolve_implementation(implementation, q.dtype)
     kernel = lambda q, k, v, seg, kv_seg: _local_attention(q, k, v, seg, kv_seg, causal, implementation)
     return per_device(kernel, q, k, v, segment_ids, kv_segment_ids)
 
@@ -79,6 +89,30 @@ def cached_attention(q, cache, kv_valid, k_new, v_new):
     return (o / l).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D).astype(q.dtype)
 
 
+def target_platform() -> str:
+    """The platform ("tpu", "gpu", "cpu") of the devices the program being traced is compiled for: the active mesh's
+    (`jax.set_mesh`; compile-only TPU topologies included), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else mesh.abstract_device
+    return device.platform if device is not None and device.platform else jax.default_backend()
+
+
+def resolve_implementation(implementation: str, dtype=jnp.float32) -> str:
+    """"auto" → the backend for `target_platform()` and the input dtype (see the module docstring); any other
+    name is checked and returned as it is."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown attention implementation {implementation!r}; "
+                         f"choose one of {', '.join(IMPLEMENTATIONS)}.")
+    if implementation != "auto":
+        return implementation
+    platform = target_platform()
+    if platform == "tpu":
+        return "pallas_tpu"
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "cudnn"
+    return "xla"
+
+
 def _local_attention(q, k, v, segment_ids, kv_segment_ids, causal, implementation):
     """The chosen backend on one device's arrays (shapes as `dot_product_attention`)."""
     lq, lk = q.shape[1], k.shape[1]
@@ -93,7 +127,8 @@ def _local_attention(q, k, v, segment_ids, kv_segment_ids, causal, implementatio
     if implementation == "cudnn":
         return cudnn_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
     if implementation == "pallas_tpu":
-        return pallas_tpu_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
+        return pallas_tpu_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal,
+                                    platform=target_platform())
     raise ValueError(f"Unknown attention implementation {implementation!r}; "
                      f"choose one of {', '.join(IMPLEMENTATIONS)}.")
 
@@ -119,11 +154,12 @@ def _check_inputs(q, k, v, segment_ids, kv_segment_ids):
 
 
 def attention_mask(segment_ids, kv_segment_ids, causal, lq, lk):
-    """bool[B or 1, Lq, Lk] (True = may attend), or None when nothing is masked."""
+    """bool[B or 1, Lq, Lk] (True = may attend: same non-negative segment id, causal order), or None when nothing is
+    masked."""
     mask = None
     if segment_ids is not None:
         kv = segment_ids if kv_segment_ids is None else kv_segment_ids
-        mask = segment_ids[:, :, None] == kv[:, None, :]
+        mask = (segment_ids[:, :, None] == kv[:, None, :]) & (segment_ids >= 0)[:, :, None]
     if causal:
         tri = (jnp.arange(lk)[None, :] <= jnp.arange(lq)[:, None] + (lk - lq))[None]
         mask = tri if mask is None else mask & tri

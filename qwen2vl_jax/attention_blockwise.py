@@ -92,8 +92,9 @@ def kv_block_ranges(seg_q, *, shared_segments, lq, lk, bq, bk, causal):
 
 
 def _block_mask(st, qs, qpos, ks, kpos):
-    """bool[bq, bk]: same segment, real key, and (causal) key position <= query position."""
-    mask = (qs[:, None] == ks[None, :]) & (kpos < st.lk)[None, :]
+    """bool[bq, bk]: same non-negative segment (a negative id is padding), real key, and (causal) key position <=
+    query position."""
+    mask = (qs[:, None] == ks[None, :]) & (qs >= 0)[:, None] & (kpos < st.lk)[None, :]
     if st.causal:
         mask &= kpos[None, :] <= qpos[:, None]
     return mask

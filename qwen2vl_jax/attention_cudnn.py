@@ -8,7 +8,7 @@ each case goes to what cuDNN can express, or, where it cannot, to our XLA blockw
 - shared segment ids (self-attention, Lq = Lk: the packed ViT, a left-padded decoder prefill): cuDNN's packed
   ("THD" / ragged) layout through `jax._src.cudnn.fused_attention_stablehlo.dot_product_attention` with per-row
   `q_offsets` / `q_seqlen` (segment starts and lengths, -1 filled, the same for kv) and the PADDING or
-  PADDING_CAUSAL mask. Each segment is then its own sequence for cuDNN, so the packed ViT costs Σ nᵢ², and causal
+  PADDING_CAUSAL mask (a run of negative, padding ids is packed too and its rows are zeroed after). Each segment is then its own sequence for cuDNN, so the packed ViT costs Σ nᵢ², and causal
   within a segment (top-left) equals our position-causal AND same-segment mask. This needs every segment id to be
   one contiguous run and at most MAX_PACKED_SEGMENTS runs per row (a static bound: cuDNN's softmax statistics are
   [B·M, H, L] floats), which is checked at run time: a batch that breaks it takes the blockwise kernel (`lax.cond`).
@@ -93,5 +93,6 @@ def cudnn_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=Fa
     if lq < 2 or not _packed_layout_available():
         return blockwise(q, k, v)
     offsets, seqlens, ok = packed_segments(segment_ids, max(2, min(MAX_PACKED_SEGMENTS, lq)))
-    return jax.lax.cond(ok, lambda q, k, v: _packed_cudnn(q, k, v, offsets, seqlens, causal).astype(q.dtype),
-                        blockwise, q, k, v)
+    out = jax.lax.cond(ok, lambda q, k, v: _packed_cudnn(q, k, v, offsets, seqlens, causal).astype(q.dtype),
+                       blockwise, q, k, v)
+    return jnp.where((segment_ids >= 0)[:, :, None, None], out, 0).astype(q.dtype)  # padding runs see nothing

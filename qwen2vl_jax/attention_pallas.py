@@ -1,30 +1,34 @@
-"""The "pallas_tpu" attention backend: JAX's Pallas TPU splash-attention kernel, called per device.
+"""The "pallas_tpu" attention backend: JAX's Pallas TPU splash-attention kernel, block-sparse from segment ids.
 
 `pallas_tpu_attention` has exactly the contract of `attention.dot_product_attention` and adapts it to the kernel's:
 
-- layout [B, L, H, D] → per batch row [H, L, D] (the kernel is vmapped over the batch; in Pallas TPU interpret
-  mode the rows run one after another, see `_splash`);
-- GQA natively: the kernel's MHA form takes k, v as [Hkv, L, D] and maps query head h to kv head h // (H // Hkv)
-  (kv heads are never repeated; dk/dv accumulate over a group inside the backward kernel);
+- layout [B, L, H, D] → per batch row [H, L, D]; GQA natively (the kernel's MHA form takes k, v as [Hkv, L, D] and
+  maps query head h to kv head h // (H // Hkv): kv heads are never repeated);
 - the scale D**-0.5 (of the caller's D) is applied to q before the kernel, which has no scale argument;
 - D is zero-padded to a multiple of 128 lanes (ViT head_dim 80 → 128; zeros change no logit and add zero output
-  columns, which are sliced off), lengths to a multiple of 128 with padded keys in a segment id matching no query;
-- causal masks are splash's `CausalMask` with offset Lk - Lq (end-aligned; Lq > Lk works too, leading query rows
-  then see no key), else `FullMask`, one per query head in a `MultiHeadMask`;
-- query rows that see no key are set to 0 (splash masks with a large finite value, so such a row would otherwise
-  average every value): found with a sort of the kv segment ids, no [Lq, Lk] array is built.
+  columns, which are sliced off); lengths are padded to a multiple of the kernel block (`kernel_block`: one block of
+  up to 512 rows, else 512-row blocks) with padded rows in a negative (padding) segment id;
+- rows whose segment id is negative (padding) and rows that see no key return 0.
 
-What is skipped and what is masked. Splash's block sparsity comes only from the STATIC mask: for `CausalMask` the
-(q-block, kv-block) pairs above the diagonal are never visited, in the forward and both backward kernels (n(n+1)/2
-of the n² pairs for Lq = Lk in n blocks; `active_block_fraction` reports it). Segment ids are a runtime mask applied
-INSIDE every visited block (`q_ids == kv_ids`); no block is skipped because of them. So the packed ViT (FullMask +
-segment ids) visits all (Σ nᵢ)² / b² block pairs, at MXU speed on TPU; the XLA "xla_blockwise" path is the one whose
-cost grows with Σ nᵢ². Padding adds at most one partial block per axis and no fully padded block (blocks divide the
-padded length).
+Block sparsity comes from the segment ids at run time. `mask_info` builds the kernel's `MaskInfo`s inside the trace,
+per batch row, from the ids that device holds: the (q block, kv block) pair runs iff the q block's range of
+non-negative ids [min, max] meets the kv block's (and, causal, some key of the kv block is at or before the q
+block's last position). Exact for ids laid out in contiguous runs (packed images, frame-pairs, windows, left
+padding); for other layouts the range test only over-approximates, and the exact mask is applied inside every
+visited block anyway (segment equality, and causal through `_causal` on the kernel's q/k positions). Skipped pairs
+are neither computed nor fetched: `data_next` repeats the last block fetched along the kernel's grid order, so the
+pipeline issues no DMA for them. The same run mask serves the forward and dq kernels (kv blocks inner) and, laid out
+in its grid order (q blocks inner), the dkv kernel. The packed ViT then costs Σ nᵢ² as the XLA blockwise path does,
+not (Σ nᵢ)²; `visited_block_pairs` counts the pairs from the very mask info the kernel gets.
 
-Kernels are built from static shapes only (`functools.lru_cache`), so retracing does not rebuild mask infos.
-Differentiable: splash's custom VJP (separate dq and dkv kernels); the padding, transposes and scaling around it are
-plain jnp ops. Runs on TPU, or on any device in Pallas TPU interpret mode:
+Nothing in the kernel's construction runs eagerly: the mask infos are jnp values of the trace (no constants moved
+to devices), so the kernel builds under any mesh — compile-only TPU topologies included — and inside any jit.
+Per batch row the mask info differs, so the batch is a loop of kernel calls (Pallas batches a kernel with batched
+scalar-prefetch operands as an HLO while loop). Scalar memory per kernel call: nq·nk bytes of block mask plus nq·nk
+int8/int16 entries of `data_next` (a 64k-row shard in 512-row blocks: 128² · 3 B = 48 KiB).
+
+Differentiable: splash's custom VJP (separate dq and dkv kernels). Runs on TPU, or on any device in Pallas TPU
+interpret mode:
 
     with qwen2vl_jax.attention.pallas_interpret():
         out = dot_product_attention(q, k, v, segment_ids=s, implementation="pallas_tpu")
@@ -33,14 +37,14 @@ plain jnp ops. Runs on TPU, or on any device in Pallas TPU interpret mode:
 """
 import contextlib
 import contextvars
-import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from jax import lax
 from jax.experimental.pallas import tpu as pltpu
 
 LANES = 128  # the kernel's minimum block and head_dim granule
+MAX_BLOCK = 512  # rows per kernel block on long rows (keeps the scalar-memory mask info small)
 _interpret = contextvars.ContextVar("qwen2vl_pallas_interpret", default=False)
 
 
@@ -59,12 +63,10 @@ def _round_up(x, m):
     return -(-x // m) * m
 
 
-def _kernel_block(length):
-    """Largest of 512/256/128 dividing a padded length (a multiple of 128)."""
-    for b in (512, 256):
-        if length % b == 0:
-            return b
-    return LANES
+def kernel_block(length, max_block=MAX_BLOCK):
+    """Rows per kernel block for a row of `length`: one block of round_up(length, 128) up to `max_block`, else
+    `max_block` (a multiple of 128). The row is padded to a multiple of it."""
+    return min(max_block, _round_up(length, LANES))
 
 
 def _pad(x, axis, new_len, value=0):
@@ -75,32 +77,172 @@ def _pad(x, axis, new_len, value=0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-@functools.lru_cache(maxsize=64)
-def _splash_kernel(heads, lq_padded, lk_padded, causal_offset, generic_interpret=False):
-    """The splash MHA kernel for one batch row: q [heads, Lqp, Dp], k/v [Hkv, Lkp, Dp] (Hkv divides heads).
+def _causal(q_positions, k_positions):
+    """The in-block causal mask splash evaluates (as `mask_function`) on query / key positions."""
+    return q_positions >= k_positions
 
-    causal_offset: None for a full mask, else the CausalMask offset (Lk - Lq). generic_interpret: Pallas' generic
-    (non-TPU) interpreter, for tests of the vmapped path. Built once per static signature.
+
+def _id_ranges(ids, block):
+    """int[L] ids → (min, max) of the non-negative ids of each block of `block` rows, two int32[L / block]; a block
+    of padding only gets the empty range (INT32_MAX, -1)."""
+    blocks = ids.reshape(-1, block)
+    real = blocks >= 0
+    return (jnp.where(real, blocks, jnp.iinfo(jnp.int32).max).min(1), jnp.where(real, blocks, -1).max(1))
+
+
+def block_runs(seg_q, seg_kv, bq, bk, causal_offset=None):
+    """bool[nq, nk]: which (q block, kv block) pairs the kernels run, for one batch row.
+
+    seg_q: int32[Lqp], seg_kv: int32[Lkp] (padded lengths, multiples of bq and bk); causal_offset: None, or Lk - Lq
+    (query i sits at key position i + offset)."""
+    q_lo, q_hi = _id_ranges(seg_q, bq)
+    k_lo, k_hi = _id_ranges(seg_kv, bk)
+    runs = (q_lo[:, None] <= k_hi[None, :]) & (k_lo[None, :] <= q_hi[:, None])
+    if causal_offset is not None:
+        last_query = (jnp.arange(runs.shape[0]) + 1) * bq - 1 + causal_offset
+        runs &= (jnp.arange(runs.shape[1]) * bk)[None, :] <= last_query[:, None]
+    return runs
+
+
+def _fetch_order(runs):
+    """int32[outer, inner] → for each grid step (outer-major), the inner block index to fetch: its own where the
+    step runs, else the last one fetched (before any run: the first run's), so skipped steps issue no DMA."""
+    flat = runs.reshape(-1)
+    step = jnp.arange(flat.size, dtype=jnp.int32)
+    last = lax.cummax(jnp.where(flat, step, -1))
+    source = jnp.where(last >= 0, last, jnp.argmax(flat).astype(jnp.int32))
+    return (source % runs.shape[1]).reshape(runs.shape)
+
+
+def _small_int(x, max_value):
+    return x.astype(jnp.int8 if max_value <= 127 else jnp.int16 if max_value <= 32767 else jnp.int32)
+
+
+def mask_info(seg_q, seg_kv, bq, bk, causal_offset=None):
+    """The splash `MaskInfo`s of one batch row: (forward and dq, dkv), arrays [1, nq, nk] (one mask for all heads).
+
+    block_mask: 1 where the pair runs (masking inside the block is segment ids + `_causal`, never a stored partial
+    block); data_next: the kv block (forward/dq) or q block (dkv) each grid step fetches (`_fetch_order`);
+    q_sequence: the query positions `_causal` reads (causal only)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_mask_info import MaskInfo
+
+    runs = block_runs(seg_q, seg_kv, bq, bk, causal_offset)
+    nq, nk = runs.shape
+    block_mask = runs.astype(jnp.int8)[None]
+    q_sequence = None
+    if causal_offset is not None:
+        q_sequence = jnp.arange(seg_q.shape[0], dtype=jnp.int32) + causal_offset
+    fwd = MaskInfo(data_next=_small_int(_fetch_order(runs), nk)[None], mask_next=None, block_mask=block_mask,
+                   partial_mask_blocks=None, q_sequence=q_sequence, is_dynamic_mask=True)
+    dkv = fwd._replace(data_next=_small_int(_fetch_order(runs.T).T, nq)[None])
+    return fwd, dkv
+
+
+def _padded_ids(segment_ids, kv_segment_ids, B, lq, lk, lqp, lkp):
+    """Segment ids padded to the kernel lengths with -1 (padding), or None when nothing needs them."""
+    if segment_ids is None and lqp == lq and lkp == lk:
+        return None, None
+    if segment_ids is None:
+        seg_q, seg_kv = jnp.zeros((B, lq), jnp.int32), jnp.zeros((B, lk), jnp.int32)
+    else:
+        seg_q = jnp.asarray(segment_ids, jnp.int32)
+        seg_kv = seg_q if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
+    return _pad(seg_q, 1, lqp, -1), _pad(seg_kv, 1, lkp, -1)
+
+
+def _geometry(lq, lk, max_block):
+    bq, bk = kernel_block(lq, max_block), kernel_block(lk, max_block)
+    return bq, bk, _round_up(lq, bq), _round_up(lk, bk)
+
+
+def visited_block_pairs(segment_ids, kv_segment_ids=None, *, causal=False, lq=None, lk=None, max_block=MAX_BLOCK):
+    """int[B]: the (q block, kv block) pairs the splash forward kernel runs per batch row, read from the mask info
+    it is given (block_mask > 0). segment_ids: int[B, Lq] (None: lq/lk give the lengths, no segments)."""
+    if segment_ids is not None:
+        lq = segment_ids.shape[1]
+        lk = lq if kv_segment_ids is None else kv_segment_ids.shape[1]
+        B = segment_ids.shape[0]
+    else:
+        B, lk = 1, lk or lq
+    bq, bk, lqp, lkp = _geometry(lq, lk, max_block)
+    seg_q, seg_kv = _padded_ids(segment_ids, kv_segment_ids, B, lq, lk, lqp, lkp)
+    if seg_q is None:
+        seg_q, seg_kv = jnp.zeros((B, lqp), jnp.int32), jnp.zeros((B, lkp), jnp.int32)
+    offset = lk - lq if causal else None
+    infos = jax.vmap(lambda s, t: mask_info(s, t, bq, bk, offset)[0])(seg_q, seg_kv)
+    return (infos.block_mask > 0).sum(axis=(1, 2, 3))
+
+
+def pallas_tpu_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=False, platform=None):
+    """Same contract as `attention.dot_product_attention` (inputs already checked there). platform: the platform
+    the program is compiled for (attention.target_platform()).
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, Hkv, D]; segment_ids: int[B, Lq]; kv_segment_ids: int[B, Lk] → [B, Lq, H, D].
     """
-    from jax.experimental.pallas.ops.tpu import splash_attention as sa
-
-    shape = (lq_padded, lk_padded)
-    mask = sa.FullMask(shape) if causal_offset is None else sa.CausalMask(shape, offset=causal_offset)
-    bq, bk = _kernel_block(lq_padded), _kernel_block(lk_padded)
-    blocks = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk,
-                           block_q_dkv=bq, block_kv_dkv=bk, block_kv_dkv_compute=bk,
-                           block_q_dq=bq, block_kv_dq=bk)
-    with jax.ensure_compile_time_eval():  # mask infos are constants even when first built inside a trace
-        return sa.make_splash_mha(sa.MultiHeadMask([mask] * heads), block_sizes=blocks,
-                                  head_shards=1, q_seq_shards=1, interpret=generic_interpret)
+    interpret = _interpret.get()
+    if platform != "tpu" and not interpret:
+        raise ValueError(f"implementation='pallas_tpu' needs a TPU (this program is compiled for {platform!r}); on "
+                         "other devices run it inside qwen2vl_jax.attention.pallas_interpret() (slow, for tests) or "
+                         "use implementation='auto' or 'xla'.")
+    return _splash(q, k, v, segment_ids, kv_segment_ids, causal, mode="tpu_interpret" if interpret else "tpu")
 
 
-def active_block_fraction(lq, lk, *, causal, heads=1):
-    """Fraction of (q-block, kv-block) pairs the forward kernel visits for these (unpadded) lengths, from splash's
-    own mask info (block_mask > 0). 1.0 for a full mask; segment ids never lower it (see the module docstring)."""
-    lqp, lkp = _round_up(lq, LANES), _round_up(lk, LANES)
-    block_mask = np.asarray(_splash_kernel(heads, lqp, lkp, lk - lq if causal else None).fwd_mask_info.block_mask)
-    return float((block_mask > 0).mean())
+def _splash(q, k, v, segment_ids, kv_segment_ids, causal, *, mode, max_block=MAX_BLOCK):
+    """mode: "tpu" (compiled; the batch is vmapped, which Pallas lowers to a loop of kernel calls since each row has
+    its own mask info), "tpu_interpret" (Pallas TPU interpret mode, batch rows one after another: in jax 0.10.2
+    that interpreter rejects a vmapped kernel) or "generic_interpret" (Pallas' generic interpreter, batch vmapped)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    (B, lq, H, D), (_, lk, hkv, _) = q.shape, k.shape
+    bq, bk, lqp, lkp = _geometry(lq, lk, max_block)
+    dp = _round_up(D, LANES)
+    offset = lk - lq if causal else None
+    seg_q, seg_kv = _padded_ids(segment_ids, kv_segment_ids, B, lq, lk, lqp, lkp)
+    ids_q = jnp.zeros((B, lqp), jnp.int32) if seg_q is None else seg_q
+    ids_kv = jnp.zeros((B, lkp), jnp.int32) if seg_kv is None else seg_kv
+    blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
+                           block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+
+    def row(q, k, v, ids_q, ids_kv, seg):
+        """One batch row: q [H, Lqp, Dp], k/v [Hkv, Lkp, Dp] → [H, Lqp, Dp]."""
+        fwd, dkv = mask_info(ids_q, ids_kv, bq, bk, offset)
+        kernel = sk.SplashAttentionKernel(
+            fwd, fwd, dkv, block_sizes=blocks, is_mqa=False, save_residuals=False,
+            mask_value=sk.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None, residual_checkpoint_name=None,
+            mask_function=_causal if causal else None, interpret=mode == "generic_interpret")
+        return kernel(q, k, v, segment_ids=seg)
+
+    scale = float(D) ** -0.5
+    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    qt = _pad(_pad(qs, 3, dp), 1, lqp).transpose(0, 2, 1, 3)  # [B, H, Lqp, Dp]
+    kt = _pad(_pad(k, 3, dp), 1, lkp).transpose(0, 2, 1, 3)  # [B, Hkv, Lkp, Dp]
+    vt = _pad(_pad(v, 3, dp), 1, lkp).transpose(0, 2, 1, 3)
+    seg = None if seg_q is None else sk.SegmentIds(q=seg_q, kv=seg_kv)
+    if mode == "tpu_interpret":
+        out = jnp.stack([row(qt[b], kt[b], vt[b], ids_q[b], ids_kv[b],
+                             None if seg is None else jax.tree.map(lambda x: x[b], seg)) for b in range(B)])
+    else:
+        out = jax.vmap(row)(qt, kt, vt, ids_q, ids_kv, seg)
+    out = out[:, :, :lq, :D].transpose(0, 2, 1, 3)  # [B, Lq, H, D]
+
+    # Rows the kernel visits nothing for (padding, or no key at all) come out as 0/0: keep only rows that see a key.
+    valid = _rows_that_see_a_key(segment_ids, kv_segment_ids, causal, B, lq, lk)
+    if valid is not None:
+        out = jnp.where(valid[:, :, None, None], out, 0)
+    return out.astype(q.dtype)
+
+
+def _rows_that_see_a_key(segment_ids, kv_segment_ids, causal, B, lq, lk):
+    """bool[B, Lq] (None: every row does). With shared ids a row sees itself unless its id is negative; with
+    separate kv ids (or causal with Lq > Lk) the kv ids are searched."""
+    if segment_ids is None:
+        if causal and lq > lk:
+            return jnp.broadcast_to(jnp.arange(lq) + (lk - lq) >= 0, (B, lq))
+        return None
+    valid = segment_ids >= 0
+    if kv_segment_ids is not None:
+        valid &= _sees_a_key(segment_ids, kv_segment_ids, causal, lq, lk)
+    return valid
 
 
 def _sees_a_key(seg_q, seg_kv, causal, lq, lk):
@@ -119,59 +261,3 @@ def _sees_a_key(seg_q, seg_kv, causal, lq, lk):
         return found
 
     return jax.vmap(row)(seg_q, seg_kv)
-
-
-def pallas_tpu_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=False):
-    """Same contract as `attention.dot_product_attention` (inputs already checked there).
-
-    q: [B, Lq, H, D]; k, v: [B, Lk, Hkv, D]; segment_ids: int[B, Lq]; kv_segment_ids: int[B, Lk] → [B, Lq, H, D].
-    """
-    interpret = _interpret.get()
-    if jax.default_backend() != "tpu" and not interpret:
-        raise ValueError(f"implementation='pallas_tpu' needs a TPU (default JAX backend here: "
-                         f"{jax.default_backend()!r}); on other devices run it inside "
-                         "qwen2vl_jax.attention.pallas_interpret() (slow, for tests) or use implementation='xla'.")
-    return _splash(q, k, v, segment_ids, kv_segment_ids, causal, mode="tpu_interpret" if interpret else "tpu")
-
-
-def _splash(q, k, v, segment_ids, kv_segment_ids, causal, *, mode):
-    """mode: "tpu" (compiled, batch vmapped), "tpu_interpret" (Pallas TPU interpret mode, batch rows one after
-    another: in jax 0.10.2 that interpreter rejects a vmapped kernel, whose grid gains a dimension its
-    dimension_semantics do not list) or "generic_interpret" (Pallas' generic interpreter, batch vmapped)."""
-    from jax.experimental.pallas.ops.tpu.splash_attention import SegmentIds
-
-    (B, lq, H, D), (_, lk, hkv, _) = q.shape, k.shape
-    lqp, lkp, dp = _round_up(lq, LANES), _round_up(lk, LANES), _round_up(D, LANES)
-    kernel = _splash_kernel(H, lqp, lkp, lk - lq if causal else None, mode == "generic_interpret")
-
-    seg = None
-    if segment_ids is not None or lkp != lk:
-        if segment_ids is None:
-            seg_q, seg_kv = jnp.zeros((B, lq), jnp.int32), jnp.zeros((B, lk), jnp.int32)
-        else:
-            seg_q = jnp.asarray(segment_ids, jnp.int32)
-            seg_kv = seg_q if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
-        pad_id = jnp.minimum(seg_q.min(), seg_kv.min()) - 1  # matches no real query
-        seg = SegmentIds(q=_pad(seg_q, 1, lqp, pad_id), kv=_pad(seg_kv, 1, lkp, pad_id))
-
-    scale = float(D) ** -0.5
-    qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    qt = _pad(_pad(qs, 3, dp), 1, lqp).transpose(0, 2, 1, 3)  # [B, H, Lqp, Dp]
-    kt = _pad(_pad(k, 3, dp), 1, lkp).transpose(0, 2, 1, 3)  # [B, Hkv, Lkp, Dp]
-    vt = _pad(_pad(v, 3, dp), 1, lkp).transpose(0, 2, 1, 3)
-    row = lambda q, k, v, s: kernel(q, k, v, segment_ids=s)  # one batch row: [H, Lqp, Dp]
-    if mode == "tpu_interpret":
-        out = jnp.stack([row(qt[b], kt[b], vt[b], None if seg is None else jax.tree.map(lambda x: x[b], seg))
-                         for b in range(B)])
-    else:
-        out = jax.vmap(row)(qt, kt, vt, seg)
-    out = out[:, :, :lq, :D].transpose(0, 2, 1, 3).astype(q.dtype)  # [B, Lq, H, D]
-
-    # Only with separate kv ids, or causal with Lq > Lk, can a real query row see no key at all.
-    if kv_segment_ids is not None or (causal and lq > lk):
-        if segment_ids is None:
-            visible = jnp.broadcast_to(jnp.arange(lq) + (lk - lq) >= 0, (B, lq))
-        else:
-            visible = _sees_a_key(seg_q, seg_kv, causal, lq, lk)
-        out = jnp.where(visible[:, :, None, None], out, 0).astype(q.dtype)
-    return out

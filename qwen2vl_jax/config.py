@@ -139,13 +139,17 @@ class Qwen2VLConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = False
-    attention: str = "xla"
+    attention: str = "auto"  # qwen2vl_jax.attention.IMPLEMENTATIONS; auto: splash on TPU, cuDNN on GPU (bf16), XLA
     remat: str = "none"  # rematerialization of each layer's activations in the backward pass: see REMAT_POLICIES
     generation: GenerationDefaults = GenerationDefaults()  # generation_config.json; not written by to_hf_dict
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {REMAT_POLICIES}")
+        from qwen2vl_jax.attention import IMPLEMENTATIONS
+
+        if self.attention not in IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}: choose one of {IMPLEMENTATIONS}")
 
     def replace(self, **changes: Any) -> "Qwen2VLConfig":
         return dataclasses.replace(self, **changes)

@@ -14,7 +14,8 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def reference(q, k, v, seg_q=None, seg_kv=None, causal=False, d_out=None):
-    """float64 attention (and, given d_out, its q/k/v gradients) straight from the definition."""
+    """float64 attention (and, given d_out, its q/k/v gradients) straight from the definition; rows that see no key
+    (negative ids among them) give 0."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     (B, lq, H, D), (_, lk, hkv, _) = q.shape, k.shape
     g = H // hkv
@@ -24,6 +25,7 @@ def reference(q, k, v, seg_q=None, seg_kv=None, causal=False, d_out=None):
     if seg_q is not None:
         seg_kv = seg_q if seg_kv is None else seg_kv
         mask &= np.asarray(seg_q)[:, :, None] == np.asarray(seg_kv)[:, None, :]
+        mask &= np.asarray(seg_q)[:, :, None] >= 0  # a negative id is padding: it sees no key
     if causal:
         mask &= np.arange(lk)[None, None, :] <= np.arange(lq)[None, :, None] + lk - lq
     mask = mask[:, None]

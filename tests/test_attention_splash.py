@@ -1,6 +1,6 @@
 """implementation="pallas_tpu" (splash attention) in Pallas TPU interpret mode vs the float64 reference: values and
 dq/dk/dv for the packed ViT (head_dim 80), a left-padded GQA decoder, end-aligned causal with Lq ≠ Lk; block
-sparsity from splash's own mask info; kernel caching. Plus the CPU-checkable parts of the cuDNN backend."""
+sparsity from the segment ids (mask infos built in the trace), visited-pair counts against an independent count. Plus the CPU-checkable parts of the cuDNN backend."""
 import contextlib
 
 import jax
@@ -102,27 +102,90 @@ def test_bfloat16_close_to_float32():
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2, rtol=0)
 
 
-def test_causal_mask_skips_blocks_above_the_diagonal():
-    """Splash's static mask info: a causal 1024² mask in 512-row blocks visits 3 of 4 block pairs, 2048² 10 of 16;
-    the dq and dkv kernels skip the same pairs; a full mask visits all (segment ids are masked inside blocks)."""
-    assert attention_pallas.active_block_fraction(1024, 1024, causal=True) == 3 / 4
-    assert attention_pallas.active_block_fraction(2048, 2048, causal=True) == 10 / 16
-    assert attention_pallas.active_block_fraction(2048, 2048, causal=False) == 1.0
-    kernel = attention_pallas._splash_kernel(1, 2048, 2048, 0)
-    for info in (kernel.dq_mask_info, kernel.dkv_mask_info):
-        assert int((np.asarray(info.block_mask) > 0).sum()) == 10
-    # end-aligned 512 queries against 2048 keys: the one query block sees all 4 kv blocks
-    assert attention_pallas.active_block_fraction(512, 2048, causal=True) == 1.0
+def small_blocks(q, k, v, seg=None, kv_seg=None, causal=False):
+    """Splash with 128-row blocks, so rows of a few hundred span several blocks and the sparsity is exercised."""
+    return attention_pallas._splash(q, k, v, seg, kv_seg, causal, mode="tpu_interpret", max_block=128)
 
 
-def test_kernels_are_cached_across_traces():
-    attention_pallas._splash_kernel.cache_clear()
-    q, k, v = qkv(12, 1, 40, 2, 16)
+def exact_pairs(seg_q, seg_kv, block, causal=False):
+    """Independent count: (q block, kv block) pairs holding at least one visible (query, key) pair (dense numpy)."""
+    seg_q, seg_kv = np.asarray(seg_q[0]), np.asarray(seg_kv[0])
+    lq, lk = len(seg_q), len(seg_kv)
+    see = (seg_q[:, None] == seg_kv[None, :]) & (seg_q[:, None] >= 0)
+    if causal:
+        see &= np.arange(lk)[None, :] <= np.arange(lq)[:, None] + lk - lq
+    nq, nk = -(-lq // block), -(-lk // block)
+    return sum(see[i * block:(i + 1) * block, j * block:(j + 1) * block].any() for i in range(nq) for j in range(nk))
+
+
+@pytest.mark.parametrize("case", ["packed", "lone_tokens", "causal_segments_gqa", "cross_lengths"])
+def test_block_sparse_values_and_grads(case):
+    """Several 128-row blocks: segments crossing block boundaries, shorter than a block, a lone token, padding rows
+    (negative ids: zero output, no gradient), causal + segments with GQA, Lq ≠ Lk with separate kv ids."""
+    lk = None
+    if case == "packed":
+        seg, kv_seg, causal, hkv = packed_ids([300, 17, 64, 1, 129], pad=101), None, False, 2
+    elif case == "lone_tokens":
+        seg, kv_seg, causal, hkv = packed_ids([1, 255, 1, 1, 130, 1], pad=3), None, False, 2
+    elif case == "causal_segments_gqa":
+        seg, kv_seg, causal, hkv = jnp.asarray([[0] * 70 + [1] * 200 + [2] * 150 + [3] * 90], jnp.int32), None, True, 1
+    else:
+        lk = 520
+        kv_seg = jnp.asarray([[0] * 100 + [1] * 250 + [2] * 170], jnp.int32)
+        seg, causal, hkv = kv_seg[:, -300:], True, 2
+    q, k, v = qkv(20, 1, seg.shape[1], 4, 80, lk=lk, hkv=hkv)
+    out = check_values_and_grads(q, k, v, seg, kv_seg, causal, attend=small_blocks)
+    np.testing.assert_array_equal(np.asarray(out)[np.asarray(seg) < 0], 0.0)
+    runs = attention_pallas.visited_block_pairs(seg, kv_seg, causal=causal, max_block=128)
+    assert int(runs[0]) == exact_pairs(seg, seg if kv_seg is None else kv_seg, 128, causal)
+
+
+def test_batch_rows_get_their_own_mask_info():
+    """Two rows with different layouts in one call (the compiled path's loop of kernel calls, generic interpreter):
+    each row's mask info comes from its own ids."""
+    seg = jnp.concatenate([packed_ids([128, 128, 128], pad=0), packed_ids([90, 90, 90, 114], pad=0)])
+    q, k, v = qkv(21, 2, 384, 2, 64)
+    generic = lambda q, k, v, s, kv_s, causal: attention_pallas._splash(q, k, v, s, kv_s, causal,
+                                                                       mode="generic_interpret", max_block=128)
+    check_values_and_grads(q, k, v, seg, attend=generic, mode=contextlib.nullcontext)
+    np.testing.assert_array_equal(attention_pallas.visited_block_pairs(seg, max_block=128), [3, 7])
+
+
+def test_visited_pairs_follow_the_segments():
+    """Sixteen 256-row images in 4096 rows at 512-row blocks: 8 block pairs, not 64; padding visits nothing;
+    causal 2048² without segments: 10 of 16; a mask info built from the ids the kernel gets."""
+    images = packed_ids([256] * 16)
+    assert int(attention_pallas.visited_block_pairs(images)[0]) == 8 == exact_pairs(images, images, 512)
+    half_padding = packed_ids([256] * 8, pad=2048)
+    assert int(attention_pallas.visited_block_pairs(half_padding)[0]) == 4
+    assert int(attention_pallas.visited_block_pairs(None, lq=2048, causal=True)[0]) == 10
+    assert int(attention_pallas.visited_block_pairs(None, lq=2048)[0]) == 16
+    video = packed_ids([300] * 61)  # 61 frame-pairs of 300 rows: 18,300 rows in 36 blocks
+    assert int(attention_pallas.visited_block_pairs(video)[0]) == exact_pairs(video, video, 512) < 36 * 3
+
+
+def test_skipped_steps_fetch_nothing_new():
+    """data_next repeats the last fetched block on skipped steps (no DMA), forward (kv inner) and dkv (q inner)."""
+    seg = packed_ids([128, 128, 256], pad=128)  # blocks: 1 | 2 | 3 3 | pad
+    fwd, dkv = attention_pallas.mask_info(seg[0], seg[0], 128, 128)
+    runs = np.asarray(fwd.block_mask[0]) > 0
+    np.testing.assert_array_equal(runs, [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0],
+                                         [0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(fwd.data_next[0], [[0, 0, 0, 0, 0], [0, 1, 1, 1, 1], [1, 1, 2, 3, 3],
+                                                     [3, 3, 2, 3, 3], [3, 3, 3, 3, 3]])
+    np.testing.assert_array_equal(np.asarray(dkv.data_next[0]).T, [[0, 0, 0, 0, 0], [0, 1, 1, 1, 1],
+                                                                   [1, 1, 2, 3, 3], [3, 3, 2, 3, 3],
+                                                                   [3, 3, 3, 3, 3]])
+    assert fwd.block_mask.dtype == jnp.int8 and fwd.data_next.dtype == jnp.int8
+
+
+def test_builds_inside_a_trace_without_running_anything():
+    """The mask infos are values of the trace: lowering under jit creates no device constant and runs nothing."""
+    seg = packed_ids([300, 212])
+    q, k, v = qkv(22, 1, 512, 2, 64)
     with pallas_interpret():
-        for seed in range(2):  # two separate traces, one kernel build
-            jax.jit(lambda q, k, v: splash(q, k, v, causal=True) + seed)(q, k, v)
-    info = attention_pallas._splash_kernel.cache_info()
-    assert info.misses == 1 and info.hits == 1
+        text = jax.jit(lambda q, k, v, s: splash(q, k, v, s)).lower(q, k, v, seg).as_text()
+    assert "cummax" in text or "reduce_window" in text or "while" in text  # the fetch order is computed in-trace
 
 
 def test_cudnn_backend_needs_a_gpu():
@@ -150,6 +213,7 @@ def test_cudnn_packed_layout_describes_the_segment_mask():
                 if n > 0:
                     r = slice(o, o + n)
                     out[b, r] = reference(q[b:b + 1, r], k[b:b + 1, r], v[b:b + 1, r], causal=causal)[0]
+        out[np.asarray(seg) < 0] = 0  # padding rows: zeroed after the kernel (cudnn_attention)
         np.testing.assert_allclose(out, reference(q, k, v, seg, causal=causal), atol=1e-12)
     assert not bool(attention_cudnn.packed_segments(seg, max_segments=3)[2])
     assert not bool(attention_cudnn.packed_segments(jnp.asarray([[0, 0, 1, 1, 0]]), max_segments=4)[2])
