@@ -9,51 +9,24 @@
     dot_flops(compiled)          → matmul FLOPs per device per step from the dots, × known loop trip counts
 
 The text is the per-device program after SPMD partitioning, so every shape is what ONE device holds, and byte counts
-are per device. Trip counts come from XLA's own `known_trip_count` annotation (or, failing that, a `compare` against
-one integer constant in the loop condition with `known_init_step`); loops with traced bounds (the blockwise
-attention's kv loop) have none, and anything inside them has `executions=None`. What the text cannot say: which
-logical array (activation or weight) a shape is — tests decide that from shapes; how XLA:TPU would combine, split or
-overlap the same collectives (this is XLA:CPU's schedule); and values of dynamic-slice offsets (only sizes)."""
+are per device. It reads XLA:CPU's and XLA:TPU's programs (sharding/hlo_parse.py): on TPU the matmuls are mostly
+`convolution`s inside fusions and collectives are async (`*-start`/`*-done`, or the same collective repeated in the
+start / continuation / done fusions of an async chain), each counted once. Trip counts come from XLA's
+`known_trip_count` annotation, else from the loop's counter (`compare` against a constant in the condition, the
+initial constant and the step the body adds); loops with traced bounds (the blockwise attention's kv loop) have
+none, and anything inside them has `executions=None`. What the text cannot say: which logical array (activation or
+weight) a shape is — tests decide that from shapes; how long an overlapped collective takes; and values of
+dynamic-slice offsets (only sizes)."""
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
 
+from sharding.hlo_parse import (Array, Instruction, Module, called, executions, parse_arrays,  # noqa: F401
+                                parse_hlo, trip_count)
+
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-_SHAPE_LEAF = re.compile(r"\b([a-z][a-z0-9]*)\[([^\]]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
-_CALLED = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)")
-_CALLED_LIST = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Array:
-    """One array of a (possibly tuple) HLO shape: element type (`f32`, `bf16`, `s32`, `pred`, …) and dims."""
-    dtype: str
-    shape: tuple[int, ...]
-
-    @property
-    def elements(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def bytes(self) -> int:
-        return -(-self.elements * _bits(self.dtype) // 8)
-
-    def __str__(self):
-        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
-
-
-@dataclasses.dataclass(frozen=True)
-class Instruction:
-    name: str
-    opcode: str
-    arrays: tuple[Array, ...]  # the result shape's leaves (one for an array, several for a tuple)
-    operands: tuple[str, ...]  # operand instruction names
-    attributes: str            # the raw text after the operand list
-    computation: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,158 +75,10 @@ class WhileLoop:
     slices: tuple[tuple[str, Array, Array], ...]
 
 
-@dataclasses.dataclass
-class Module:
-    """A parsed HLO module: computations (name → instructions, in order), the entry's name, num_partitions."""
-    computations: dict[str, list[Instruction]]
-    entry: str
-    num_partitions: int
-    by_name: dict[str, Instruction]
-
-
-def _bits(dtype: str) -> int:
-    if dtype == "pred":
-        return 8
-    match = re.match(r"[a-z]+(\d+)", dtype)
-    return int(match.group(1)) if match else 0  # token[], opaque: no data
-
-
-def parse_arrays(shape: str) -> tuple[Array, ...]:
-    """'(f32[8,128]{1,0}, (s32[], bf16[<=4,2]))' → (Array('f32', (8, 128)), Array('s32', ()), Array('bf16', (4, 2)))."""
-    return tuple(Array(dtype, tuple(int(d.strip().lstrip("<=")) for d in dims.split(",") if d.strip()))
-                 for dtype, dims in _SHAPE_LEAF.findall(shape))
-
-
-def _balanced(text: str, start: int) -> int:
-    """Index just past the bracket group opening at text[start] ('(', '[' or '{')."""
-    pairs = {"(": ")", "{": "}", "[": "]"}
-    closing = []
-    for i in range(start, len(text)):
-        c = text[i]
-        if c in pairs:
-            closing.append(pairs[c])
-        elif closing and c == closing[-1]:
-            closing.pop()
-            if not closing:
-                return i + 1
-    return len(text)
-
-
-def _split_top(text: str) -> list[str]:
-    """Split on commas outside brackets."""
-    parts, depth, current = [], 0, []
-    for c in text:
-        depth += c in "([{"
-        depth -= c in ")]}"
-        if c == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(c)
-    if "".join(current).strip():
-        parts.append("".join(current))
-    return parts
-
-
-def _instruction(line: str, computation: str) -> Instruction | None:
-    match = _INSTRUCTION.match(line)
-    if not match:
-        return None
-    name, rest = match.group(1), match.group(2).strip()
-    if rest.startswith("("):
-        end = _balanced(rest, 0)
-    else:
-        shape = re.match(r"[a-z][a-z0-9]*\[[^\]]*\](\{[^}]*\})?", rest)
-        if not shape:
-            return None
-        end = shape.end()
-    arrays, rest = parse_arrays(rest[:end]), rest[end:].strip()
-    opcode = re.match(r"([\w\-]+)\(", rest)
-    if not opcode:
-        return None
-    close = _balanced(rest, opcode.end() - 1)
-    operands = tuple(m.group(1) for part in _split_top(rest[opcode.end():close - 1])
-                     if (m := re.search(r"%?([\w.\-]+)\s*$", part.strip())))
-    return Instruction(name, opcode.group(1), arrays, operands, rest[close:], computation)
-
-
-def parse_hlo(text: str) -> Module:
-    """Parse HLO text (`compiled.as_text()`) into computations of instructions; unknown lines are skipped."""
-    text = re.sub(r"/\*.*?\*/", "", text)
-    partitions = re.search(r"num_partitions=(\d+)", text)
-    computations, by_name, entry, current = {}, {}, None, None
-    for line in text.splitlines():
-        header = _HEADER.match(line)
-        if header and not line.startswith(" "):
-            current = header.group(2)
-            computations[current] = []
-            entry = current if header.group(1) else entry
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        if current is not None and (instruction := _instruction(line, current)):
-            computations[current].append(instruction)
-            by_name[instruction.name] = instruction
-    if entry is None and computations:
-        entry = list(computations)[-1]
-    return Module(computations, entry, int(partitions.group(1)) if partitions else 1, by_name)
-
-
 def _module(program) -> Module:
     if isinstance(program, Module):
         return program
     return parse_hlo(program if isinstance(program, str) else program.as_text())
-
-
-def _called(instruction: Instruction) -> list[tuple[str, str]]:
-    """(role, computation) pairs an instruction calls: body/condition of a while, fusion calls, to_apply, …"""
-    out = [(role, name) for role, name in _CALLED.findall(instruction.attributes)]
-    for role, names in _CALLED_LIST.findall(instruction.attributes):
-        out += [(role, n.strip().lstrip("%")) for n in names.split(",") if n.strip()]
-    return out
-
-
-def trip_count(module: Module, instruction: Instruction) -> int | None:
-    """A while instruction's trip count: XLA's known_trip_count, else (condition constant − init) / step."""
-    known = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', instruction.attributes)
-    if known:
-        return int(known.group(1))
-    init_step = re.search(r'"known_init_step"\s*:\s*\{\s*"init"\s*:\s*"?(-?\d+)"?\s*,\s*"step"\s*:\s*"?(-?\d+)',
-                          instruction.attributes)
-    condition = dict(_called(instruction)).get("condition")
-    if not init_step or condition not in module.computations:
-        return None
-    names = [condition] + [c for i in module.computations[condition] for _, c in _called(i)]
-    body = [i for n in names for i in module.computations.get(n, [])]
-    constants = [int(i.operands[0]) for i in body if i.opcode == "constant" and len(i.arrays) == 1
-                 and i.arrays[0].shape == () and i.arrays[0].dtype[0] in "su" and i.operands
-                 and re.fullmatch(r"-?\d+", i.operands[0])]
-    compares = [i for i in body if i.opcode == "compare" and "direction=LT" in i.attributes]
-    init, step = int(init_step.group(1)), int(init_step.group(2))
-    if len(constants) != 1 or len(compares) != 1 or step <= 0:
-        return None
-    return max(0, -(-(constants[0] - init) // step))
-
-
-def _executions(module: Module) -> dict[str, int | None]:
-    """How many times one run of the entry runs each computation (summed over call sites; None: unknown)."""
-    runs: dict[str, int | None] = {}
-
-    def visit(name: str, times: int | None, stack: tuple):
-        if name not in module.computations or name in stack:
-            return
-        previous = runs.get(name, 0)
-        runs[name] = None if previous is None or times is None else previous + times
-        for instruction in module.computations[name]:
-            trips = trip_count(module, instruction) if instruction.opcode == "while" else 1
-            for role, callee in _called(instruction):
-                inner = times if role not in ("body", "condition") else (
-                    None if times is None or trips is None else times * (trips + (role == "condition")))
-                visit(callee, inner, stack + (name,))
-
-    visit(module.entry, 1, ())
-    return runs
 
 
 def _group_size(attributes: str, num_partitions: int) -> int | None:
@@ -277,28 +102,40 @@ def _group_size(attributes: str, num_partitions: int) -> int | None:
 
 
 def collectives(program) -> list[Collective]:
-    """Every collective of a compiled program (or its HLO text), in program order; see `Collective`."""
+    """Every collective of a compiled program (or its HLO text), in program order, each once; see `Collective`.
+    An async pair (`all-gather-start`/`-done`, `async-start` wrappers) counts once, at its start, with the done's
+    result; XLA:TPU's async collective fusions repeat the collective (same channel_id) in the start, continuation
+    and done fusions of one computation: counted once."""
     module = _module(program)
-    runs = _executions(module)
+    runs = executions(module)
     done_of = {i.operands[0]: i for c in module.computations.values() for i in c
                if i.opcode.endswith("-done") and i.operands}
-    out = []
+    found: dict[tuple, list[Instruction]] = {}
     for name, instructions in module.computations.items():
         for i in instructions:
-            kind = i.opcode[:-6] if i.opcode.endswith("-start") else i.opcode
-            if kind not in COLLECTIVES:
-                continue
-            arrays = i.arrays
-            if i.opcode.endswith("-start"):
-                done = done_of.get(i.name)
-                arrays = done.arrays if done else arrays[len(arrays) // 2:]
-            operand_bytes = sum(a.bytes for o in i.operands if o in module.by_name for a in module.by_name[o].arrays)
-            total = sum(a.bytes for a in arrays)
-            out.append(Collective(kind, i.name, name, arrays, total, operand_bytes,
-                                  _group_size(i.attributes, module.num_partitions), runs.get(name, 0),
-                                  i.opcode.endswith("-start"),
-                                  (re.search(r'op_name="([^"]*)"', i.attributes) or re.match("()", "")).group(1)))
-    return out
+            if _kind(i) in COLLECTIVES:
+                channel = re.search(r"\bchannel_id=(\d+)", i.attributes)
+                key = (module.home(name), _kind(i), channel.group(1)) if channel else (name, i.name)
+                found.setdefault(key, []).append(i)
+    return [_collective(module, runs, done_of, copies) for copies in found.values()]
+
+
+def _kind(instruction: Instruction) -> str:
+    return instruction.opcode[:-6] if instruction.opcode.endswith("-start") else instruction.opcode
+
+
+def _collective(module: Module, runs: dict, done_of: dict, copies: list[Instruction]) -> Collective:
+    """One collective from its instruction(s): `copies` are the same collective in an async chain's fusions."""
+    i = copies[0]
+    arrays = i.arrays
+    if i.opcode.endswith("-start"):
+        done = done_of.get(i.name)
+        arrays = done.arrays if done else arrays[len(arrays) // 2:]
+    operand_bytes = sum(a.bytes for o in i.operands if o in module.by_name for a in module.by_name[o].arrays)
+    op_name = re.search(r'op_name="([^"]*)"', i.attributes)
+    return Collective(_kind(i), i.name, i.computation, arrays, sum(a.bytes for a in arrays), operand_bytes,
+                      _group_size(i.attributes, module.num_partitions), runs.get(i.computation, 0),
+                      i.opcode.endswith("-start") or len(copies) > 1, op_name.group(1) if op_name else "")
 
 
 def collective_totals(program) -> dict[str, dict]:
@@ -338,18 +175,18 @@ def largest_all_gather(program) -> Collective | None:
 def while_loops(program) -> list[WhileLoop]:
     """Every while loop of the program, in program order; see `WhileLoop`."""
     module = _module(program)
-    runs = _executions(module)
+    runs = executions(module)
     loops = []
     for name, instructions in module.computations.items():
         for i in instructions:
             if i.opcode == "while":
-                called = dict(_called(i))
-                loops.append((i, called.get("body"), called.get("condition")))
+                roles = dict(called(i))
+                loops.append((i, roles.get("body"), roles.get("condition")))
 
     caller = {}  # computation → the computation that calls it (a while body: the loop's computation)
     for name, instructions in module.computations.items():
         for i in instructions:
-            for _, callee in _called(i):
+            for _, callee in called(i):
                 caller.setdefault(callee, name)
     bodies = {body for _, body, _ in loops}
 
@@ -367,7 +204,7 @@ def while_loops(program) -> list[WhileLoop]:
                 continue
             seen.add(name)
             for j in module.computations[name]:
-                todo += [callee for role, callee in _called(j) if role not in ("body", "condition")]
+                todo += [callee for role, callee in called(j) if role not in ("body", "condition")]
                 if j.opcode in ("dynamic-slice", "dynamic-update-slice", "gather") and j.operands:
                     buffer = module.by_name.get(j.operands[0])
                     piece = module.by_name.get(j.operands[1]) if j.opcode == "dynamic-update-slice" else j
@@ -379,22 +216,51 @@ def while_loops(program) -> list[WhileLoop]:
 
 
 def dot_flops(program) -> dict:
-    """Matmul FLOPs per device per step: 2 · result elements · contracted size for every dot, × the known trip
-    counts around it → {"flops": ..., "flops_in_unknown_loops": ... (those dots counted once)}. Convolutions and
-    custom calls (e.g. a TPU kernel) are not counted."""
+    """Matmul FLOPs per device per step: 2 · result elements · MACs per result element for every `dot` and
+    `convolution` (XLA:TPU writes matmuls as convolutions, most inside fusions), × the known trip counts around it
+    → {"flops": ..., "flops_in_unknown_loops": ... (those counted once), "kernel_calls": Pallas/Mosaic kernel
+    launches (XLA:TPU `tpu_custom_call`s, e.g. splash attention: their FLOPs are not in "flops") per step,
+    "kernel_flops": the FLOPs those kernels declare in a cost estimate, where they do, × trip counts}."""
     module = _module(program)
-    runs = _executions(module)
-    known, unknown = 0.0, 0.0
+    runs = executions(module)
+    known, unknown, kernels, calls = 0.0, 0.0, 0.0, 0
     for name, instructions in module.computations.items():
+        if name not in runs:  # never run (a computation only a dead instruction names)
+            continue
         for i in instructions:
-            if i.opcode != "dot" or not i.arrays or not i.operands or i.operands[0] not in module.by_name:
-                continue
-            lhs = module.by_name[i.operands[0]].arrays[0].shape
-            dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.attributes)
-            contracted = math.prod(lhs[int(d)] for d in dims.group(1).split(",") if d) if dims else 1
-            flops = 2.0 * i.arrays[0].elements * contracted
-            if runs.get(name) is None:
+            flops = _matmul_flops(module, i)
+            mosaic = i.opcode == "custom-call" and 'custom_call_target="tpu_custom_call"' in i.attributes
+            kernel = _kernel_flops(i) if mosaic else 0.0
+            if runs[name] is None:
                 unknown += flops
             else:
                 known += flops * runs[name]
-    return {"flops": known, "flops_in_unknown_loops": unknown}
+                kernels += kernel * runs[name]
+                calls += mosaic * runs[name]
+    return {"flops": known, "flops_in_unknown_loops": unknown, "kernel_calls": calls, "kernel_flops": kernels}
+
+
+def _matmul_flops(module: Module, i: Instruction) -> float:
+    """2 · result elements · multiply-adds per result element of a dot (∏ lhs contracting dims) or a convolution
+    (kernel elements / the kernel's output-feature size: input features × window, per feature group); else 0."""
+    if i.opcode not in ("dot", "convolution") or not i.arrays or len(i.operands) < 2:
+        return 0.0
+    lhs, rhs = (module.by_name.get(o) for o in i.operands[:2])
+    if lhs is None or rhs is None or not lhs.arrays or not rhs.arrays:
+        return 0.0
+    if i.opcode == "dot":
+        dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.attributes)
+        macs = math.prod(lhs.arrays[0].shape[int(d)] for d in dims.group(1).split(",") if d) if dims else 1
+    else:
+        labels = re.search(r"dim_labels=[^_\s]*_([^-\s]*)->", i.attributes)
+        kernel = rhs.arrays[0]
+        if not labels or "o" not in labels.group(1) or len(labels.group(1)) != len(kernel.shape):
+            return 0.0
+        macs = kernel.elements // max(1, kernel.shape[labels.group(1).index("o")])
+    return 2.0 * i.arrays[0].elements * macs
+
+
+def _kernel_flops(i: Instruction) -> float:
+    """The FLOPs a Mosaic kernel's custom call declares (its backend_config's cost estimate), else 0."""
+    flops = re.search(r'"cost_estimate"\s*:\s*\{[^}]*"flops"\s*:\s*"?(\d+)', i.attributes)
+    return float(flops.group(1)) if flops else 0.0

@@ -1,24 +1,31 @@
 """Will it fit? An ahead-of-time memory plan of the full train step on a pod, computed on this machine.
 
-    python -m sharding.plan --preset 72b --mesh fsdp=64,tensor=4 --batch 256 --seq 4096 --remat full --hbm 95G
+    python -m sharding.plan --preset 2b --mesh fsdp=8 --batch 16 --seq 2048 --chip v5e     # XLA:TPU v5e:2x4
+    python -m sharding.plan --preset 2b --mesh fsdp=8 --batch 16 --seq 2048 --topology v5e:2x4
+    python -m sharding.plan --preset 72b --mesh fsdp=16,tensor=4 --batch 64 --seq 4096 --hbm 95G  # XLA:CPU
     python -m sharding.plan --generate --preset 7b --mesh tensor=4 --batch 32 --seq 4096 --hbm v5e
 
 (`--generate`: the generation programs instead, sharding/plan_generate.py.)
 
 Lowers and compiles the whole train step — ViT + merger + decoder + masked cross-entropy + AdamW update, jitted with
-the shardings of `sharding/rules.py` — for abstract inputs (jax.ShapeDtypeStruct: nothing is allocated) on as many
-fake CPU devices as the mesh has, then prints per-device bytes: parameters, optimizer state and batch (from their
-shardings), XLA's temporaries and the peak, against the HBM given, beside an analytic estimate.
+the shardings of `sharding/rules.py` — for abstract inputs (jax.ShapeDtypeStruct: nothing is allocated), then prints
+per-device bytes: parameters, optimizer state and batch (from their shardings), XLA's temporaries and the peak,
+against the HBM given, beside an analytic estimate.
 
-Attention is planned as the TPU runs it: `xla` attention lowers to our blockwise (flash-style) kernel for sequences of
-512 rows or more, whose memory is linear in length, like the Pallas kernel on TPU. XLA:CPU's buffer assignment and
-fusion differ from XLA:TPU's, so temporaries are an estimate of the same program, not a TPU measurement.
+Two compilers (sharding/topology.py; the report's first line names the one used). XLA:TPU: when `--topology` names
+a slice, or `--chip`/`--hbm` names a TPU generation and libtpu is installed (`pip install -e '.[tpu-plan]'`), the
+step compiles for compile-only TPU devices of that slice (default: the compact slice of the mesh's device count,
+v5e 8 → v5e:2x4, v5p 8 → v5p:2x2x2, v5p 64 → v5p:4x4x4) — TPU buffer assignment, fusion and async collectives, on
+a machine without a TPU. XLA:CPU otherwise (or with `--compiler cpu`), on as many fake CPU devices as the mesh has:
+it keeps float32 copies of bf16 buffers (no bf16 matmul) and fuses differently, so its temporaries overstate a
+TPU's; the plan says so loudly. `--attention auto` (the default) lets the model pick the kernel from the devices
+compiled for (splash on TPU); `xla` is the blockwise (flash-style) loop from 512 rows, memory linear in length.
 
 It also prints, per device and per step: model FLOPs (6 · params touched · tokens + attention; sharding/flops.py
 states the formula), the matmul FLOPs of the compiled dots and XLA's own cost analysis, every collective of the
 compiled HLO by kind (sharding/hlo_stats.py: the bytes it returns and those a ring sends), and with `--chip` the
-MFU ceiling those collectives leave on that TPU (which also sets the default --hbm). Collectives are XLA:CPU's
-partitioning of the program; XLA:TPU may combine, convert (all-reduce + slice → reduce-scatter) or overlap them."""
+MFU ceiling those collectives leave on that TPU (which also sets the default --hbm). Collectives and FLOPs are
+the compiled program's: XLA:TPU's own (fusions, convolution-form dots, async collectives) under XLA:TPU."""
 from __future__ import annotations
 
 import argparse
@@ -107,6 +114,19 @@ def analytic_bytes(config, mesh_shape: dict, batch: int, seq: int, patches_per_s
             "logits_fp32_x2": logits, "total": 4 * pbytes + saved + logits}
 
 
+ATTENTION = ("auto", "pallas_tpu", "xla", "xla_dense")
+
+
+def model_attention(requested: str) -> str:
+    """The config's attention for the planner's `--attention`: as asked, except "auto" on a model that does not
+    know it yet (qwen2vl_jax.attention.IMPLEMENTATIONS), which plans with "xla" (the blockwise loop)."""
+    from qwen2vl_jax.attention import IMPLEMENTATIONS
+
+    if requested not in ATTENTION:
+        raise ValueError(f"--attention {requested!r}: choose one of {ATTENTION}")
+    return "xla" if requested == "auto" and "auto" not in IMPLEMENTATIONS else requested
+
+
 def _itemsize(dtype: str) -> int:
     import numpy as np
     import jax.numpy as jnp
@@ -116,9 +136,12 @@ def _itemsize(dtype: str) -> int:
 
 def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", patches_per_sample: int = 1024,
          dtype: str = "bfloat16", param_dtype: str = "float32", dcn: str | None = None, compile: bool = True,
-         attention: str = "xla", config=None, head_fraction: int = 8, chip: str | None = None) -> dict:
+         attention: str = "auto", config=None, head_fraction: int = 8, chip: str | None = None,
+         topology: str | None = None, hlo_path: str | None = None) -> dict:
     """The plan as a dict of byte counts, FLOPs, collectives and timings (see the module docstring); `chip` (a key
-    of sharding.flops.CHIPS) adds the MFU ceiling."""
+    of sharding.flops.CHIPS) adds the MFU ceiling; `topology` (e.g. "v5e:2x4") compiles with XLA:TPU for that
+    slice (× the slices of `dcn`) instead of XLA:CPU on this machine's devices; `hlo_path` saves the compiled HLO
+    text (re-read it with sharding.hlo_stats)."""
     import jax
     import flax.linen as nn
 
@@ -126,11 +149,13 @@ def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", p
     from qwen2vl_jax.model import abstract_params
     from sharding.mesh import make_mesh
     from sharding.rules import batch_shardings
+    from sharding.topology import plan_devices
     from training.step import TrainState, init_state, jit_train_step, make_optimizer, state_shardings
 
     config = (config or Qwen2VLConfig.preset(preset)).replace(scan_layers=True, remat=remat, dtype=dtype,
-                                                              param_dtype=param_dtype, attention=attention)
-    device_mesh = make_mesh(mesh, dcn=dcn)
+                                                              param_dtype=param_dtype,
+                                                              attention=model_attention(attention))
+    device_mesh = make_mesh(mesh, dcn=dcn, devices=plan_devices(topology, dcn))
     optimizer = make_optimizer(1e-5, warmup_steps=10, total_steps=1000)
     shardings = state_shardings(config, optimizer, device_mesh)
     params = nn.unbox(abstract_params(config))
@@ -145,9 +170,11 @@ def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", p
     batch_abstract = abstract_batch(config, batch, seq, patches_per_sample, shards, head_fraction)
     batch_sharding = batch_shardings(batch_abstract, device_mesh)
     batch_abstract = with_sharding(batch_abstract, batch_sharding)
-    out = {"preset": preset, "mesh": dict(device_mesh.shape), "devices": device_mesh.size, "batch": batch,
+    out = {"preset": preset, "compiler": f"XLA:TPU {topology}" if topology else "XLA:CPU",
+           "mesh": dict(device_mesh.shape), "devices": device_mesh.size, "batch": batch,
            "seq": seq, "patches_per_sample": patches_per_sample, "head_positions": batch * (seq // head_fraction
                                                                                             if head_fraction else seq), "remat": remat, "dtype": dtype, "attention": attention,
+           "model_attention": config.attention,
            "param_dtype": param_dtype, "layers": config.text.num_hidden_layers, "param_count": sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)),
            "analytic_param_count": analytic_param_count(config)}
     (out["params_bytes"], out["params_per_device"]) = _bytes(state.params)
@@ -165,6 +192,9 @@ def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", p
         start = time.perf_counter()
         compiled = lowered.compile()
         out["compile_seconds"] = time.perf_counter() - start
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(compiled.as_text())
     memory = compiled.memory_analysis()
     out["xla"] = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
                   "aliased": memory.alias_size_in_bytes, "temporaries": memory.temp_size_in_bytes,
@@ -223,11 +253,13 @@ def _size(text: str) -> float:
 def _report(result: dict, hbm: float | None) -> str:
     gb = lambda x: f"{x / 1e9:8.2f} GB"
     a = result["analytic_per_device"]
-    lines = [f"{result['preset']} ({result['layers']} layers): {result['param_count'] / 1e9:.3f} B params (analytic "
+    lines = compiler_lines(result) + [f"{result['preset']} ({result['layers']} layers): {result['param_count'] / 1e9:.3f} B params (analytic "
              f"{result['analytic_param_count'] / 1e9:.3f} B), mesh {result['mesh']} = {result['devices']} devices, "
              f"batch {result['batch']} × seq {result['seq']} + {result['patches_per_sample']} patches/sample, "
              f"remat {result['remat']}, {result['dtype']} compute / {result['param_dtype']} params, attention "
-             f"{result['attention']}",
+             f"{result['attention']}" + (f" (→ {result['model_attention']})" if result.get("model_attention",
+                                                                                       result["attention"])
+                                          != result["attention"] else ""),
              f"{'per device':<28}{'plan':>11}{'analytic':>14}",
              f"{'parameters':<28}{gb(result['params_per_device'])}{gb(a['params'])}",
              f"{'optimizer state':<28}{gb(result['opt_state_per_device'])}{gb(a['opt_state'])}",
@@ -248,6 +280,16 @@ def _report(result: dict, hbm: float | None) -> str:
     return "\n".join(lines)
 
 
+def compiler_lines(result: dict) -> list[str]:
+    """The report's first line(s): the compiler ("XLA:TPU v5e:2x4" or "XLA:CPU") and why, and under XLA:CPU the
+    warning that its figures overstate a TPU's memory."""
+    from sharding.topology import CPU_WARNING
+
+    compiler = result.get("compiler", "XLA:CPU")
+    lines = [compiler + (f" ({result['compiler_reason']})" if result.get("compiler_reason") else "")]
+    return lines + ([f"!!! {CPU_WARNING}"] if compiler == "XLA:CPU" else [])
+
+
 def _report_compute(result: dict) -> list[str]:
     """The FLOPs / collectives / MFU lines of the report."""
     tf = lambda x: "n/a" if x is None else f"{x / 1e12:.4g} TFLOP"
@@ -261,8 +303,8 @@ def _report_compute(result: dict) -> list[str]:
              f"{'':<20}HLO dots × known trip counts: {tf(result['hlo_dot_flops']['flops'])} (+ "
              f"{tf(result['hlo_dot_flops']['flops_in_unknown_loops'])} in loops of unknown trip count — the "
              f"blockwise attention's — counted once)",
-             f"{'':<20}XLA:CPU cost_analysis() 'flops': {tf(result['xla_cost_flops'])} (loop bodies counted once: "
-             f"not a per-step figure)",
+             f"{'':<20}{result.get('compiler', 'XLA:CPU').split()[0]} cost_analysis() 'flops': "
+             f"{tf(result['xla_cost_flops'])} (loop bodies counted once: not a per-step figure)",
              f"{'collectives per device per step':<34}{'ops':>5}{'runs':>7}{'result bytes':>15}{'sent (ring)':>15}"]
     for kind, t in result["collectives"].items():
         runs = "?" if t["executions"] is None else str(t["executions"])
@@ -306,8 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots", "dots_no_batch"])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--param-dtype", default="float32")
-    parser.add_argument("--attention", default="xla", choices=["xla", "xla_dense"],
-                        help="xla: blockwise (flash-like, as the TPU kernel) from 512 rows; xla_dense: full scores")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION,
+                        help="auto: the model picks from the devices compiled for (splash on TPU); pallas_tpu: splash;"
+                             " xla: blockwise (flash-like) from 512 rows; xla_dense: full scores")
     parser.add_argument("--text-layers", type=int, help="override the preset's decoder depth (compile-time check)")
     parser.add_argument("--chip", choices=sorted(HBM), help="TPU generation: peak FLOP/s and ICI for the MFU "
                                                             "ceiling, and the default --hbm")
@@ -318,12 +361,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--generate", action="store_true", help="plan generation instead (sharding/plan_generate.py"
                                                                  "): prefill + decode, params and compute in --dtype")
     parser.add_argument("--max-new-tokens", type=int, default=512, help="--generate: sizes the KV cache bucket")
-    parser.add_argument("--topology", help="--generate: compile with XLA:TPU for this slice (e.g. v5e:2x2, "
-                                           "v5p:2x2x2; needs libtpu, no TPU) instead of XLA:CPU")
+    parser.add_argument("--topology", help="compile with XLA:TPU for this slice (e.g. v5e:2x4, v5p:2x2x2; "
+                                           "libtpu, no TPU needed); default with a TPU --chip/--hbm and libtpu: "
+                                           "the compact slice of the mesh's device count")
+    parser.add_argument("--compiler", default="auto", choices=["auto", "tpu", "cpu"],
+                        help="auto: XLA:TPU when --topology or a TPU --chip/--hbm is given and libtpu imports, else "
+                             "XLA:CPU; cpu: force XLA:CPU on fake CPU devices; tpu: XLA:TPU or an error")
+    parser.add_argument("--hlo", help="also write the compiled step's HLO text to this file (train plan)")
     args = parser.parse_args(argv)
     from sharding.mesh import parse_axes
 
-    devices = math.prod(parse_axes(args.mesh).values()) * math.prod(parse_axes(args.dcn).values() or [1])
+    per_slice = math.prod(parse_axes(args.mesh).values())
+    devices = per_slice * math.prod(parse_axes(args.dcn).values() or [1])
     if devices < 1:
         parser.error("--mesh sizes must be positive (the planner needs the device count)")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -331,21 +380,40 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     hbm = args.hbm or args.chip
     hbm = None if not hbm else HBM.get(hbm, None) or _size(hbm)
+    compiler = _compiler(parser, args, per_slice)
+    args.topology = compiler.topology
     if args.generate:
         from sharding.plan_generate import run
 
-        result = run(args, hbm)
+        result = run(args, hbm, compiler)
         return _write_json(result, args.json)
     start = time.perf_counter()
     result = plan(args.preset, args.mesh, args.batch, args.seq, remat=args.remat,
                   patches_per_sample=args.patches_per_sample, dtype=args.dtype, param_dtype=args.param_dtype,
                   dcn=args.dcn, attention=args.attention, config=_config(args.preset, args.text_layers),
-                  head_fraction=args.head_fraction, chip=args.chip)
+                  head_fraction=args.head_fraction, chip=args.chip or (args.hbm if args.hbm in HBM else None),
+                  topology=compiler.topology, hlo_path=args.hlo)
     result["planner_seconds"] = time.perf_counter() - start
-    result["hbm"] = hbm
+    result["hbm"], result["compiler_reason"] = hbm, compiler.reason
     print(_report(result, hbm))
     print(f"planner run time {result['planner_seconds']:.1f} s")
     return _write_json(result, args.json)
+
+
+def _compiler(parser, args, devices_per_slice: int):
+    """The sharding.topology.Compiler for the parsed args (a TPU chip from --chip, else from --hbm's name); a
+    --topology whose chip differs from --chip's is an error."""
+    from sharding.topology import choose_compiler, warn_cpu
+
+    chip = args.chip or (args.hbm if args.hbm in HBM else None)
+    if args.topology and chip and not args.topology.startswith(chip + ":"):
+        parser.error(f"--topology {args.topology} is not a {chip} slice (--chip/--hbm {chip}); drop one of them")
+    try:
+        compiler = choose_compiler(chip, args.topology, args.compiler, devices_per_slice)
+    except ValueError as error:
+        parser.error(str(error))
+    warn_cpu(compiler)
+    return compiler
 
 
 def _write_json(result: dict, path: str | None) -> dict:

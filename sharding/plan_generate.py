@@ -25,8 +25,9 @@ params per device (from their shardings; ideal = params · itemsize / tensor) an
 from __future__ import annotations
 
 import math
-import os
 import time
+
+from sharding.topology import plan_devices, tpu_devices  # noqa: F401  (tpu_devices lived here before)
 
 
 def analytic_cache_bytes(config, batch: int, cache: int, mesh_shape: dict, batch_shards: int) -> dict:
@@ -39,18 +40,6 @@ def analytic_cache_bytes(config, batch: int, cache: int, mesh_shape: dict, batch
     heads_split = tensor if t.num_key_value_heads % tensor == 0 else 1
     total = 2 * t.num_hidden_layers * batch * t.num_key_value_heads * cache * t.head_dim * _itemsize(config.dtype)
     return {"total": total, "per_device": total / (batch_shards * heads_split), "heads_split": heads_split}
-
-
-def tpu_devices(topology: str):
-    """The devices of a TPU slice `topology` (e.g. "v5e:2x2") for compiling only: libtpu, no TPU needed."""
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no cloud metadata server to ask on a CPU machine
-    from jax.experimental import topologies
-
-    try:
-        return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
-    except Exception as error:  # no libtpu, or a name it does not know
-        raise RuntimeError(f"--topology {topology}: XLA:TPU is unavailable here ({error}); install libtpu "
-                           "(`pip install libtpu`, the version jax[tpu] pins) — it compiles without a TPU") from error
 
 
 def _memory(compiled) -> dict:
@@ -82,7 +71,7 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
 
     config = (config or Qwen2VLConfig.preset(preset)).replace(scan_layers=True, dtype=dtype, param_dtype=dtype)
     config = config.replace(attention=attention) if attention else config
-    device_mesh = make_mesh(mesh, dcn=dcn, devices=tpu_devices(topology) if topology else None)
+    device_mesh = make_mesh(mesh, dcn=dcn, devices=plan_devices(topology, dcn))
     shards = batch_shard_count(device_mesh, GENERATION_RULES)
     shapes = shapes_for(ladders or Ladders(), batch, seq, -(-batch * patches_per_sample // shards), max_new_tokens,
                         shards)
@@ -183,17 +172,20 @@ def report(result: dict, hbm: float | None) -> str:
     return "\n".join(lines)
 
 
-def run(args, hbm: float | None) -> dict:
-    """`python -m sharding.plan --generate ...` (plan.main's parsed args)."""
-    from sharding.plan import _config
+def run(args, hbm: float | None, compiler=None) -> dict:
+    """`python -m sharding.plan --generate ...` (plan.main's parsed args; `compiler`: its sharding.topology.Compiler,
+    whose topology is args.topology)."""
+    from sharding.plan import _config, compiler_lines, model_attention
 
     start = time.perf_counter()
     result = plan_generate(args.preset, args.mesh, args.batch, args.seq, max_new_tokens=args.max_new_tokens,
                            patches_per_sample=args.patches_per_sample, dtype=args.dtype, dcn=args.dcn,
-                           config=_config(args.preset, args.text_layers), attention=args.attention,
+                           config=_config(args.preset, args.text_layers), attention=model_attention(args.attention),
                            topology=args.topology)
     result["planner_seconds"] = time.perf_counter() - start
     result["hbm"] = hbm
+    result["compiler_reason"] = compiler.reason if compiler else ""
+    print("\n".join(compiler_lines(result)))
     print(report(result, hbm))
     print(f"planner run time {result['planner_seconds']:.1f} s")
     return result

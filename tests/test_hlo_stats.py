@@ -119,7 +119,8 @@ def test_scan_loops_trip_counts_and_collectives_inside(mesh):
     totals = hlo_stats.collective_totals(compiled)
     assert totals["all-gather"]["bytes_per_step"] == 6 * totals["all-gather"]["bytes"]
     # dots run per layer per device: forward h[8, 128] @ w[128, 128], backward two of the same size
-    assert hlo_stats.dot_flops(compiled) == {"flops": 3 * 6 * 2 * 8 * 128 * 128, "flops_in_unknown_loops": 0.0}
+    assert hlo_stats.dot_flops(compiled) == {"flops": 3 * 6 * 2 * 8 * 128 * 128, "flops_in_unknown_loops": 0.0,
+                                               "kernel_calls": 0, "kernel_flops": 0.0}
 
 
 def test_loop_with_traced_bounds_has_no_trip_count(mesh):
@@ -129,7 +130,8 @@ def test_loop_with_traced_bounds_has_no_trip_count(mesh):
     compiled = jax.jit(f).lower(jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((8, 8), jnp.float32)).compile()
     (loop,) = hlo_stats.while_loops(compiled)
     assert loop.trip_count is None and loop.executions == 1
-    assert hlo_stats.dot_flops(compiled) == {"flops": 0.0, "flops_in_unknown_loops": 2 * 8 * 8 * 8}
+    assert hlo_stats.dot_flops(compiled) == {"flops": 0.0, "flops_in_unknown_loops": 2 * 8 * 8 * 8,
+                                               "kernel_calls": 0, "kernel_flops": 0.0}
     np.testing.assert_equal(hlo_stats.collectives(compiled), [])
 
 
@@ -161,3 +163,104 @@ ENTRY %main (a: (s32[], f32[4])) -> (s32[], f32[4]) {
     assert loop.trip_count == 2 and loop.body == "body"  # i = 2, 7 (< 12)
     (reduce,) = hlo_stats.collectives(module)
     assert reduce.executions == 2 and hlo_stats.collective_totals(module)["all-reduce"]["bytes_per_step"] == 32
+
+
+# XLA:TPU's dialect, written by hand (no libtpu needed; tests/test_hlo_stats_tpu.py compiles real ones): a scanned
+# loop with no trip-count annotation (counter: copy(constant 0) in, add 1 around, compare < 3), an all-gather run as
+# an async chain (the same collective, channel 7, in the start, continuation and done fusions), a matmul written as
+# a convolution inside a fusion, and a reduce-scatter behind an async-start/async-done wrapper.
+TPU_HLO = """HloModule jit_step, is_scheduled=true, num_partitions=4
+%ag_start_comp (param_0: bf16[8,64]) -> (bf16[8,64], bf16[32,64], u32[]) {
+  %param_0 = bf16[8,64]{1,0:T(8,128)(2,1)} parameter(0)
+  %all-gather.1 = bf16[32,64]{1,0:T(8,128)(2,1)} all-gather(%param_0), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}, frontend_attributes={chain_id="0"}
+  ROOT %custom-call.1 = (bf16[8,64]{1,0}, bf16[32,64]{1,0}, u32[]{:S(2)}) custom-call(%all-gather.1), custom_call_target="AsyncCollectiveStart"
+}
+%matmul_comp (param_0.1: bf16[32,64], param_1.1: bf16[16,32]) -> bf16[16,64] {
+  %param_1.1 = bf16[16,32]{1,0:T(8,128)(2,1)} parameter(1)
+  %param_0.1 = bf16[32,64]{1,0:T(8,128)(2,1)} parameter(0)
+  ROOT %convolution.1 = bf16[16,64]{1,0:T(8,128)(2,1)} convolution(%param_1.1, %param_0.1), dim_labels=bf_io->bf, metadata={op_name="jit(step)/dot_general"}
+}
+%ag_middle_comp (param_0.2: bf16[8,64], param_1.2: bf16[32,64], param_2.2: bf16[16,32]) -> (bf16[32,64], bf16[16,64]) {
+  %param_0.2 = bf16[8,64]{1,0} parameter(0)
+  %all-gather.2 = bf16[32,64]{1,0:T(8,128)(2,1)} all-gather(%param_0.2), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}, frontend_attributes={chain_id="0"}
+  %param_2.2 = bf16[16,32]{1,0} parameter(2)
+  %param_1.2 = bf16[32,64]{1,0} parameter(1)
+  %fusion.9 = bf16[16,64]{1,0} fusion(%param_1.2, %param_2.2), kind=kOutput, calls=%matmul_comp
+  ROOT %tuple.9 = (bf16[32,64]{1,0}, bf16[16,64]{1,0}) tuple(%all-gather.2, %fusion.9)
+}
+%ag_done_comp (param_0.3: bf16[8,64], param_1.3: bf16[32,64]) -> bf16[32,64] {
+  %param_0.3 = bf16[8,64]{1,0} parameter(0)
+  %param_1.3 = bf16[32,64]{1,0} parameter(1)
+  %all-gather.3 = bf16[32,64]{1,0:T(8,128)(2,1)} all-gather(%param_0.3), channel_id=7, replica_groups=[1,4]<=[4], dimensions={0}
+  ROOT %custom-call.3 = bf16[32,64]{1,0} custom-call(%param_0.3, %param_1.3, %all-gather.3), custom_call_target="AsyncCollectiveDone"
+}
+%body (wide.param: (s32[], bf16[8,64], bf16[16,32])) -> (s32[], bf16[8,64], bf16[16,32]) {
+  %one = s32[]{:T(128)} constant(1)
+  %wide.param = (s32[]{:T(128)}, bf16[8,64]{1,0}, bf16[16,32]{1,0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%wide.param), index=0
+  %i.copy = s32[]{:T(128)S(6)} copy(%i)
+  %w = bf16[8,64]{1,0} get-tuple-element(%wide.param), index=1
+  %x = bf16[16,32]{1,0} get-tuple-element(%wide.param), index=2
+  %start = (bf16[8,64]{1,0}, bf16[32,64]{1,0}, u32[]{:S(2)}) fusion(%w), kind=kCustom, calls=%ag_start_comp
+  %gathering = bf16[32,64]{1,0} get-tuple-element(%start), index=1
+  %middle = (bf16[32,64]{1,0}, bf16[16,64]{1,0}) fusion(%w, %gathering, %x), kind=kCustom, calls=%ag_middle_comp
+  %gathered = bf16[32,64]{1,0} get-tuple-element(%middle), index=0
+  %done = bf16[32,64]{1,0} fusion(%w, %gathered), kind=kCustom, calls=%ag_done_comp
+  %next = s32[]{:T(128)} add(%i.copy, %one)
+  ROOT %t = (s32[]{:T(128)}, bf16[8,64]{1,0}, bf16[16,32]{1,0}) tuple(%next, %w, %x)
+}
+%cond (wide.param.1: (s32[], bf16[8,64], bf16[16,32])) -> pred[] {
+  %three = s32[]{:T(128)} constant(3)
+  %wide.param.1 = (s32[]{:T(128)}, bf16[8,64]{1,0}, bf16[16,32]{1,0}) parameter(0)
+  %j = s32[]{:T(128)} get-tuple-element(%wide.param.1), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%j, %three), direction=LT
+}
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+%rs_comp (p: f32[64,16]) -> f32[16,16] {
+  %p = f32[64,16]{1,0} parameter(0)
+  ROOT %rs = f32[16,16]{1,0} reduce-scatter(%p), channel_id=9, replica_groups=[1,4]<=[4], dimensions={0}, to_apply=%add
+}
+ENTRY %main (w0: bf16[8,64], x0: bf16[16,32], g: f32[64,16]) -> (s32[], bf16[8,64], bf16[16,32]) {
+  %zero = s32[]{:T(128)} constant(0)
+  %zero.copy = s32[]{:T(128)} copy(%zero)
+  %w0 = bf16[8,64]{1,0} parameter(0)
+  %x0 = bf16[16,32]{1,0} parameter(1)
+  %g = f32[64,16]{1,0} parameter(2)
+  %rs-start = ((f32[64,16]{1,0}), f32[16,16]{1,0}) async-start(%g), calls=%rs_comp
+  %rs-done = f32[16,16]{1,0} async-done(%rs-start), calls=%rs_comp
+  %init = (s32[]{:T(128)}, bf16[8,64]{1,0}, bf16[16,32]{1,0}) tuple(%zero.copy, %w0, %x0)
+  ROOT %loop = (s32[]{:T(128)}, bf16[8,64]{1,0}, bf16[16,32]{1,0}) while(%init), condition=%cond, body=%body
+}"""
+
+
+def test_tpu_dialect_async_chains_convolutions_and_counter_loops():
+    module = hlo_stats.parse_hlo(TPU_HLO)
+    (loop,) = hlo_stats.while_loops(module)
+    assert loop.trip_count == 3 and loop.executions == 1  # i = 0, 1, 2 (< 3), read from the counter
+    gather, scatter = sorted(hlo_stats.collectives(module), key=lambda c: c.kind)
+    assert (gather.kind, gather.executions, gather.is_async, gather.group) == ("all-gather", 3, True, 4)
+    assert [str(a) for a in gather.arrays] == ["bf16[32,64]"]  # the chain's three copies: one collective
+    assert (scatter.kind, scatter.executions, scatter.bytes) == ("reduce-scatter", 1, 16 * 16 * 4)  # run once
+    totals = hlo_stats.collective_totals(module)
+    assert totals["all-gather"]["count"] == 1 and totals["all-gather"]["bytes_per_step"] == 3 * 32 * 64 * 2
+    # the convolution-form matmul [16, 32] @ [32, 64] inside the continuation fusion, three times
+    assert hlo_stats.dot_flops(module)["flops"] == 3 * 2 * 16 * 64 * 32
+
+
+def test_multi_line_instructions_keep_the_rest_of_the_computation():
+    """A Mosaic kernel's frontend attributes span lines (one starts with '}}'): the computation goes on after it."""
+    module = hlo_stats.parse_hlo("""HloModule m, num_partitions=1
+ENTRY %main (p: f32[8,8]) -> f32[8,8] {
+  %p = f32[8,8]{1,0} parameter(0)
+  %k = f32[8,8]{1,0} custom-call(%p), custom_call_target="tpu_custom_call", frontend_attributes={kernel_metadata={
+"xprof_metadata":"{}"
+}}, metadata={op_name="pallas_call"}
+  ROOT %d = f32[8,8]{1,0} dot(%k, %p), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}""")
+    assert [i.name for i in module.computations["main"]] == ["p", "k", "d"] and module.root("main").name == "d"
+    assert module.by_name["k"].operands == ("p",) and 'op_name="pallas_call"' in module.by_name["k"].attributes
+    assert hlo_stats.dot_flops(module)["flops"] == 2 * 8 * 8 * 8 and hlo_stats.dot_flops(module)["kernel_calls"] == 1

@@ -40,8 +40,9 @@ def test_model_flops_formula():
 def test_planner_reports_flops_collectives_and_mfu(tmp_path, capsys):
     out = tmp_path / "plan.json"
     result = main(["--preset", "tiny", "--mesh", "fsdp=4,tensor=2", "--batch", "8", "--seq", "256",
-                   "--patches-per-sample", "64", "--chip", "v5e", "--json", str(out)])
+                   "--patches-per-sample", "64", "--chip", "v5e", "--compiler", "cpu", "--json", str(out)])
     text = capsys.readouterr().out
+    assert text.startswith("XLA:CPU") and "overstate a TPU's memory" in text  # --compiler cpu: XLA:CPU, said loudly
     assert result["hbm"] == 16e9 and "HBM 16 GB per device" in text  # --chip sets the HBM
     assert "MFU ceiling on v5e" in text and "all-gather" in text and "model FLOPs" in text
     assert json.loads(out.read_text())["chip"] == "v5e"
