@@ -104,38 +104,61 @@ def block_runs(seg_q, seg_kv, bq, bk, causal_offset=None):
     return runs
 
 
-def _fetch_order(runs):
-    """int32[outer, inner] → for each grid step (outer-major), the inner block index to fetch: its own where the
-    step runs, else the last one fetched (before any run: the first run's), so skipped steps issue no DMA."""
-    flat = runs.reshape(-1)
-    step = jnp.arange(flat.size, dtype=jnp.int32)
-    last = lax.cummax(jnp.where(flat, step, -1))
-    source = jnp.where(last >= 0, last, jnp.argmax(flat).astype(jnp.int32))
-    return (source % runs.shape[1]).reshape(runs.shape)
+def _compact(runs, width):
+    """Compress the inner grid axis of bool[outer, inner] to `width` steps per outer index, running blocks first.
+
+    → (block index each step fetches int32[outer, width], whether it runs bool[outer, width]). Step s of row r runs
+    the s-th running block of r (in increasing order) when r has more than s of them; other steps run nothing and
+    fetch the block fetched last in grid order (outer-major; before any run: the first run's), so no DMA is issued
+    for them. `width` must be at least every row's count of running blocks."""
+    order = jnp.argsort(~runs, axis=1, stable=True)[:, :width].astype(jnp.int32)  # running blocks first, in order
+    active = jnp.arange(width)[None, :] < runs.sum(1, keepdims=True)
+    flat_active, flat_order = active.reshape(-1), order.reshape(-1)
+    step = jnp.arange(flat_active.size, dtype=jnp.int32)
+    last = lax.cummax(jnp.where(flat_active, step, -1))
+    source = jnp.where(last >= 0, last, jnp.argmax(flat_active).astype(jnp.int32))
+    return flat_order[source].reshape(active.shape), active
+
+
+def grid_widths(blocks):
+    """The inner grid widths a kernel is compiled for along an axis of `blocks` blocks: those of 8, 32, 128 at most
+    half of it, and `blocks` itself. At run time the narrowest holding every row's running blocks is taken (`lax.switch`): a grid
+    step that runs nothing still costs the kernel a step (~0.35 µs on TPU), so a packed ViT shard of many short
+    segments must not iterate over all (Σ nᵢ)² / b² pairs."""
+    return tuple(w for w in (8, 32, 128) if 2 * w <= blocks) + (blocks,)
 
 
 def _small_int(x, max_value):
     return x.astype(jnp.int8 if max_value <= 127 else jnp.int16 if max_value <= 32767 else jnp.int32)
 
 
-def mask_info(seg_q, seg_kv, bq, bk, causal_offset=None):
-    """The splash `MaskInfo`s of one batch row: (forward and dq, dkv), arrays [1, nq, nk] (one mask for all heads).
+def mask_info(seg_q, seg_kv, bq, bk, causal_offset=None, width=None):
+    """The splash `MaskInfo`s of one batch row: (forward and dq, dkv), one mask for all heads.
 
-    block_mask: 1 where the pair runs (masking inside the block is segment ids + `_causal`, never a stored partial
-    block); data_next: the kv block (forward/dq) or q block (dkv) each grid step fetches (`_fetch_order`);
-    q_sequence: the query positions `_causal` reads (causal only)."""
+    Forward / dq: grid (head, q block, step < width) with data_next / block_mask [1, nq, width] naming the kv block
+    of each step (`_compact` of `block_runs`); dkv: grid (kv block, head, step < width) with [1, width, nk] naming
+    the q block. width: None = no compression (nk for the forward, nq for dkv). block_mask is 1 where the step runs
+    (masking inside the block is segment ids + `_causal`, never a stored partial block); q_sequence: the query
+    positions `_causal` reads (causal only)."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_mask_info import MaskInfo
 
     runs = block_runs(seg_q, seg_kv, bq, bk, causal_offset)
     nq, nk = runs.shape
-    block_mask = runs.astype(jnp.int8)[None]
+    fetch, active = _compact(runs, nk if width is None else min(width, nk))
     q_sequence = None
     if causal_offset is not None:
         q_sequence = jnp.arange(seg_q.shape[0], dtype=jnp.int32) + causal_offset
-    fwd = MaskInfo(data_next=_small_int(_fetch_order(runs), nk)[None], mask_next=None, block_mask=block_mask,
+    fwd = MaskInfo(data_next=_small_int(fetch, nk)[None], mask_next=None, block_mask=active.astype(jnp.int8)[None],
                    partial_mask_blocks=None, q_sequence=q_sequence, is_dynamic_mask=True)
-    dkv = fwd._replace(data_next=_small_int(_fetch_order(runs.T).T, nq)[None])
+    fetch, active = _compact(runs.T, nq if width is None else min(width, nq))
+    dkv = fwd._replace(data_next=_small_int(fetch.T, nq)[None], block_mask=active.T.astype(jnp.int8)[None])
     return fwd, dkv
+
+
+def busiest_row(seg_q, seg_kv, bq, bk, causal_offset=None):
+    """int32[]: the most running blocks any q block (forward) or kv block (dkv) of these rows has; seg_q: [B, Lqp]."""
+    runs = jax.vmap(lambda s, t: block_runs(s, t, bq, bk, causal_offset))(seg_q, seg_kv)
+    return jnp.maximum(runs.sum(2).max(), runs.sum(1).max()).astype(jnp.int32)
 
 
 def _padded_ids(segment_ids, kv_segment_ids, B, lq, lk, lqp, lkp):
@@ -158,10 +181,19 @@ def _geometry(lq, lk, max_block):
 def visited_block_pairs(segment_ids, kv_segment_ids=None, *, causal=False, lq=None, lk=None, max_block=MAX_BLOCK):
     """int[B]: the (q block, kv block) pairs the splash forward kernel runs per batch row, read from the mask info
     it is given (block_mask > 0). segment_ids: int[B, Lq] (None: lq/lk give the lengths, no segments)."""
+    return _block_accounting(segment_ids, kv_segment_ids, causal, lq, lk, max_block)[0]
+
+
+def grid_steps(segment_ids, kv_segment_ids=None, *, causal=False, lq=None, lk=None, max_block=MAX_BLOCK):
+    """int: the forward kernel's grid steps per head and batch row — nq × the grid width `_splash` picks for these
+    ids (`grid_widths`) — run or skipped."""
+    return int(_block_accounting(segment_ids, kv_segment_ids, causal, lq, lk, max_block)[1])
+
+
+def _block_accounting(segment_ids, kv_segment_ids, causal, lq, lk, max_block):
     if segment_ids is not None:
-        lq = segment_ids.shape[1]
+        B, lq = segment_ids.shape
         lk = lq if kv_segment_ids is None else kv_segment_ids.shape[1]
-        B = segment_ids.shape[0]
     else:
         B, lk = 1, lk or lq
     bq, bk, lqp, lkp = _geometry(lq, lk, max_block)
@@ -170,7 +202,9 @@ def visited_block_pairs(segment_ids, kv_segment_ids=None, *, causal=False, lq=No
         seg_q, seg_kv = jnp.zeros((B, lqp), jnp.int32), jnp.zeros((B, lkp), jnp.int32)
     offset = lk - lq if causal else None
     infos = jax.vmap(lambda s, t: mask_info(s, t, bq, bk, offset)[0])(seg_q, seg_kv)
-    return (infos.block_mask > 0).sum(axis=(1, 2, 3))
+    busiest = int(busiest_row(seg_q, seg_kv, bq, bk, offset))
+    width = next(w for w in grid_widths(max(lqp // bq, lkp // bk)) if w >= busiest)
+    return (infos.block_mask > 0).sum(axis=(1, 2, 3)), lqp // bq * min(width, lkp // bk)
 
 
 def pallas_tpu_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=False, platform=None):
@@ -203,14 +237,21 @@ def _splash(q, k, v, segment_ids, kv_segment_ids, causal, *, mode, max_block=MAX
     blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
 
-    def row(q, k, v, ids_q, ids_kv, seg):
-        """One batch row: q [H, Lqp, Dp], k/v [Hkv, Lkp, Dp] → [H, Lqp, Dp]."""
-        fwd, dkv = mask_info(ids_q, ids_kv, bq, bk, offset)
+    def row(q, k, v, ids_q, ids_kv, seg, width):
+        """One batch row: q [H, Lqp, Dp], k/v [Hkv, Lkp, Dp] → [H, Lqp, Dp], on a grid `width` steps wide."""
+        fwd, dkv = mask_info(ids_q, ids_kv, bq, bk, offset, width)
         kernel = sk.SplashAttentionKernel(
             fwd, fwd, dkv, block_sizes=blocks, is_mqa=False, save_residuals=False,
             mask_value=sk.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None, residual_checkpoint_name=None,
             mask_function=_causal if causal else None, interpret=mode == "generic_interpret")
         return kernel(q, k, v, segment_ids=seg)
+
+    def rows(width, qt, kt, vt, seg):
+        if mode == "tpu_interpret":
+            return jnp.stack([row(qt[b], kt[b], vt[b], ids_q[b], ids_kv[b],
+                                  None if seg is None else jax.tree.map(lambda x: x[b], seg), width)
+                              for b in range(B)])
+        return jax.vmap(lambda *a: row(*a, width))(qt, kt, vt, ids_q, ids_kv, seg)
 
     scale = float(D) ** -0.5
     qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
@@ -218,11 +259,12 @@ def _splash(q, k, v, segment_ids, kv_segment_ids, causal, *, mode, max_block=MAX
     kt = _pad(_pad(k, 3, dp), 1, lkp).transpose(0, 2, 1, 3)  # [B, Hkv, Lkp, Dp]
     vt = _pad(_pad(v, 3, dp), 1, lkp).transpose(0, 2, 1, 3)
     seg = None if seg_q is None else sk.SegmentIds(q=seg_q, kv=seg_kv)
-    if mode == "tpu_interpret":
-        out = jnp.stack([row(qt[b], kt[b], vt[b], ids_q[b], ids_kv[b],
-                             None if seg is None else jax.tree.map(lambda x: x[b], seg)) for b in range(B)])
-    else:
-        out = jax.vmap(row)(qt, kt, vt, ids_q, ids_kv, seg)
+    widths = grid_widths(max(lqp // bq, lkp // bk))
+    if len(widths) == 1:
+        out = rows(widths[0], qt, kt, vt, seg)
+    else:  # the narrowest grid holding this device's busiest block row (one choice for all its batch rows)
+        branch = jnp.searchsorted(jnp.asarray(widths), busiest_row(ids_q, ids_kv, bq, bk, offset))
+        out = lax.switch(branch, [lambda *a, w=w: rows(w, *a) for w in widths], qt, kt, vt, seg)
     out = out[:, :, :lq, :D].transpose(0, 2, 1, 3)  # [B, Lq, H, D]
 
     # Rows the kernel visits nothing for (padding, or no key at all) come out as 0/0: keep only rows that see a key.

@@ -140,6 +140,20 @@ def test_block_sparse_values_and_grads(case):
     assert int(runs[0]) == exact_pairs(seg, seg if kv_seg is None else kv_seg, 128, causal)
 
 
+def test_narrow_and_full_grids():
+    """16 blocks of 128 rows: short segments take the 8-wide grid (forward and gradients), a long one the full 16
+    (`lax.switch` at run time); both equal the reference."""
+    seg = packed_ids([256] * 7 + [200], pad=48)
+    q, k, v = qkv(23, 1, 2048, 1, 64)
+    check_values_and_grads(q, k, v, seg, attend=small_blocks)
+    assert attention_pallas.grid_steps(seg, max_block=128) == 16 * 8
+    seg = packed_ids([1800, 248])
+    with pallas_interpret():
+        out = jax.jit(small_blocks)(q, k, v, seg)
+    np.testing.assert_allclose(out, reference(q, k, v, seg), **TOL)
+    assert attention_pallas.grid_steps(seg, max_block=128) == 16 * 16
+
+
 def test_batch_rows_get_their_own_mask_info():
     """Two rows with different layouts in one call (the compiled path's loop of kernel calls, generic interpreter):
     each row's mask info comes from its own ids."""
@@ -165,18 +179,32 @@ def test_visited_pairs_follow_the_segments():
 
 
 def test_skipped_steps_fetch_nothing_new():
-    """data_next repeats the last fetched block on skipped steps (no DMA), forward (kv inner) and dkv (q inner)."""
+    """Each row's running blocks come first on the grid; the other steps repeat the last fetched block (no DMA),
+    forward (kv inner) and dkv (q inner); a grid 2 steps wide holds every row here."""
     seg = packed_ids([128, 128, 256], pad=128)  # blocks: 1 | 2 | 3 3 | pad
-    fwd, dkv = attention_pallas.mask_info(seg[0], seg[0], 128, 128)
-    runs = np.asarray(fwd.block_mask[0]) > 0
+    runs = attention_pallas.block_runs(seg[0], seg[0], 128, 128)
     np.testing.assert_array_equal(runs, [[1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0],
                                          [0, 0, 0, 0, 0]])
-    np.testing.assert_array_equal(fwd.data_next[0], [[0, 0, 0, 0, 0], [0, 1, 1, 1, 1], [1, 1, 2, 3, 3],
-                                                     [3, 3, 2, 3, 3], [3, 3, 3, 3, 3]])
-    np.testing.assert_array_equal(np.asarray(dkv.data_next[0]).T, [[0, 0, 0, 0, 0], [0, 1, 1, 1, 1],
-                                                                   [1, 1, 2, 3, 3], [3, 3, 2, 3, 3],
-                                                                   [3, 3, 3, 3, 3]])
+    fetch = [[0, 0], [1, 1], [2, 3], [2, 3], [3, 3]]
+    active = [[1, 0], [1, 0], [1, 1], [1, 1], [0, 0]]
+    fwd, dkv = attention_pallas.mask_info(seg[0], seg[0], 128, 128, width=2)
+    np.testing.assert_array_equal(fwd.data_next[0], fetch)
+    np.testing.assert_array_equal(fwd.block_mask[0], active)
+    np.testing.assert_array_equal(np.asarray(dkv.data_next[0]).T, fetch)  # symmetric runs: the same order
+    np.testing.assert_array_equal(np.asarray(dkv.block_mask[0]).T, active)
     assert fwd.block_mask.dtype == jnp.int8 and fwd.data_next.dtype == jnp.int8
+    full, _ = attention_pallas.mask_info(seg[0], seg[0], 128, 128)  # uncompressed: 5 steps a row
+    np.testing.assert_array_equal(full.data_next[0, :, :2], fetch)
+    assert int(full.block_mask.sum()) == int(runs.sum()) == 6
+
+
+def test_grid_narrows_to_the_busiest_row():
+    """A 16-block row of 256-row segments runs at most 3 blocks per row: the 8-wide grid (128 steps, not 256);
+    one segment over all 16 blocks needs the full width."""
+    images = packed_ids([256] * 8)
+    assert attention_pallas.grid_steps(images, max_block=128) == 16 * 8
+    assert attention_pallas.grid_steps(packed_ids([2048]), max_block=128) == 16 * 16
+    assert attention_pallas.grid_widths(16) == (8, 16) and attention_pallas.grid_widths(9) == (9,)
 
 
 def test_builds_inside_a_trace_without_running_anything():
