@@ -143,7 +143,7 @@ def test_block_sparse_values_and_grads(case):
 def test_narrow_and_full_grids():
     """16 blocks of 128 rows: short segments take the 8-wide grid (forward and gradients), a long one the full 16
     (`lax.switch` at run time); both equal the reference."""
-    seg = packed_ids([256] * 7 + [200], pad=48)
+    seg = packed_ids([256] * 7 + [200], pad=56)
     q, k, v = qkv(23, 1, 2048, 1, 64)
     check_values_and_grads(q, k, v, seg, attend=small_blocks)
     assert attention_pallas.grid_steps(seg, max_block=128) == 16 * 8
