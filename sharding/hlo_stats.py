@@ -241,23 +241,57 @@ def dot_flops(program) -> dict:
 
 
 def _matmul_flops(module: Module, i: Instruction) -> float:
-    """2 · result elements · multiply-adds per result element of a dot (∏ lhs contracting dims) or a convolution
-    (kernel elements / the kernel's output-feature size: input features × window, per feature group); else 0."""
+    """2 · multiply-adds of a dot (result elements · ∏ lhs contracting dims) or a convolution (_convolution_macs);
+    0 for anything else."""
     if i.opcode not in ("dot", "convolution") or not i.arrays or len(i.operands) < 2:
         return 0.0
     lhs, rhs = (module.by_name.get(o) for o in i.operands[:2])
     if lhs is None or rhs is None or not lhs.arrays or not rhs.arrays:
         return 0.0
-    if i.opcode == "dot":
-        dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.attributes)
-        macs = math.prod(lhs.arrays[0].shape[int(d)] for d in dims.group(1).split(",") if d) if dims else 1
-    else:
-        labels = re.search(r"dim_labels=[^_\s]*_([^-\s]*)->", i.attributes)
-        kernel = rhs.arrays[0]
-        if not labels or "o" not in labels.group(1) or len(labels.group(1)) != len(kernel.shape):
-            return 0.0
-        macs = kernel.elements // max(1, kernel.shape[labels.group(1).index("o")])
+    if i.opcode == "convolution":
+        return 2.0 * _convolution_macs(i.attributes, lhs.arrays[0].shape, rhs.arrays[0].shape, i.arrays[0].shape)
+    dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.attributes)
+    macs = math.prod(lhs.arrays[0].shape[int(d)] for d in dims.group(1).split(",") if d) if dims else 1
     return 2.0 * i.arrays[0].elements * macs
+
+
+def _convolution_macs(attributes: str, lhs: tuple, kernel: tuple, out: tuple) -> int:
+    """Multiply-adds of a convolution: (batch × output features) · kernel input features (per feature group) ·
+    ∏ over spatial dims of the (output position, window tap) pairs that land on the input. XLA:TPU writes matmuls as
+    convolutions whose spatial dims are batch or broadcast dims (size-1 inputs padded to the window: one valid tap
+    per output position, not the whole window), so the taps are counted, not assumed. 0 if unreadable."""
+    labels = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)", attributes)
+    if not labels or not all(len(l) == len(s) for l, s in zip(labels.groups(), (lhs, kernel, out))):
+        return 0
+    lhs_l, kernel_l, out_l = labels.groups()
+    spatial = sorted(c for c in out_l if c.isdigit())
+    window = _window(attributes, len(spatial))
+    macs = math.prod(out) // math.prod(out[out_l.index(d)] for d in spatial) * kernel[kernel_l.index("i")]
+    for n, d in enumerate(spatial):
+        macs *= _taps(lhs[lhs_l.index(d)], kernel[kernel_l.index(d)], out[out_l.index(d)],
+                      *(window[key][n] for key in ("pad", "stride", "lhs_dilate", "rhs_dilate")))
+    return macs
+
+
+def _window(attributes: str, dims: int) -> dict:
+    """A convolution's window={size=.. pad=lo_hi.. stride=.. lhs_dilate=.. rhs_dilate=..} per spatial dim
+    (defaults: pad 0, stride and dilations 1)."""
+    text = re.search(r"window=\{([^}]*)\}", attributes)
+    fields = dict(re.findall(r"(\w+)=([\dx_]+)", text.group(1))) if text else {}
+    read = lambda key, default: [int(v.split("_")[0]) for v in fields[key].split("x")] if key in fields else \
+        [default] * dims
+    return {"pad": read("pad", 0), "stride": read("stride", 1), "lhs_dilate": read("lhs_dilate", 1),
+            "rhs_dilate": read("rhs_dilate", 1)}
+
+
+def _taps(size: int, window: int, outputs: int, pad_low: int, stride: int, lhs_dilate: int, rhs_dilate: int) -> int:
+    """(output position, window tap) pairs of one spatial dim that read an input element (not padding or a
+    dilation hole)."""
+    extent = (size - 1) * lhs_dilate + 1
+    if outputs * window > 1 << 22:  # a real, large convolution: every tap, edges ignored
+        return outputs * min(window, size)
+    return sum(1 for o in range(outputs) for k in range(window)
+               if 0 <= (p := o * stride + k * rhs_dilate - pad_low) < extent and p % lhs_dilate == 0)
 
 
 def _kernel_flops(i: Instruction) -> float:

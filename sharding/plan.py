@@ -283,11 +283,11 @@ def _report(result: dict, hbm: float | None) -> str:
 def compiler_lines(result: dict) -> list[str]:
     """The report's first line(s): the compiler ("XLA:TPU v5e:2x4" or "XLA:CPU") and why, and under XLA:CPU the
     warning that its figures overstate a TPU's memory."""
-    from sharding.topology import CPU_WARNING
+    from sharding.topology import cpu_warning
 
     compiler = result.get("compiler", "XLA:CPU")
     lines = [compiler + (f" ({result['compiler_reason']})" if result.get("compiler_reason") else "")]
-    return lines + ([f"!!! {CPU_WARNING}"] if compiler == "XLA:CPU" else [])
+    return lines + ([f"!!! {cpu_warning(result.get('compiler_reason', ''))}"] if compiler == "XLA:CPU" else [])
 
 
 def _report_compute(result: dict) -> list[str]:
@@ -302,7 +302,9 @@ def _report_compute(result: dict) -> list[str]:
              f"{'':<20}executed with remat {result['remat']}: {tf(result['hardware_flops_per_device'])}",
              f"{'':<20}HLO dots × known trip counts: {tf(result['hlo_dot_flops']['flops'])} (+ "
              f"{tf(result['hlo_dot_flops']['flops_in_unknown_loops'])} in loops of unknown trip count — the "
-             f"blockwise attention's — counted once)",
+             f"blockwise attention's — counted once)" + (
+                 f"; + {result['hlo_dot_flops']['kernel_calls']} Pallas kernel calls (splash attention), FLOPs not "
+                 f"counted" if result["hlo_dot_flops"].get("kernel_calls") else ""),
              f"{'':<20}{result.get('compiler', 'XLA:CPU').split()[0]} cost_analysis() 'flops': "
              f"{tf(result['xla_cost_flops'])} (loop bodies counted once: not a per-step figure)",
              f"{'collectives per device per step':<34}{'ops':>5}{'runs':>7}{'result bytes':>15}{'sent (ring)':>15}"]

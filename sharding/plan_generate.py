@@ -11,11 +11,13 @@ params placed by GENERATION_RULES (tensor-parallel, not split over fsdp), the ba
 as at run time. Shapes are the ladder buckets (`qwen2vl_jax.buckets.shapes_for`) that `batch` prompts of `seq`
 tokens holding `patches_per_sample` ViT rows each, with `max_new_tokens`, run with.
 
-Two compilers: by default XLA:CPU on as many fake CPU devices as the mesh has. XLA:CPU has no bfloat16 matmul, so
-it keeps float32 copies of bf16 weights and of the KV cache among its temporaries: a bf16 plan's CPU temporaries
-overstate the TPU's (7B on tensor=4: prefill 14.2 vs 4.0 GB, decode 15.5 vs 0.02 GB). `--topology v5e:2x2` (any
-name `jax.experimental.topologies` knows: v5e:2x4, v5p:2x2x2, …) compiles with XLA:TPU instead, from libtpu
-(`pip install libtpu`, the version jax[tpu] pins), on a machine without a TPU: TPU buffer assignment, TPU numbers.
+Two compilers (sharding/topology.py, as for the train plan): XLA:TPU for a compile-only TPU slice, from libtpu
+(`pip install -e '.[tpu-plan]'`) on a machine without a TPU — `--topology v5e:2x2` (any name
+`jax.experimental.topologies` knows: v5e:2x4, v5p:2x2x2, …), or by default when `--chip`/`--hbm` names a TPU and
+libtpu imports (the compact slice of the mesh's device count) — else XLA:CPU on as many fake CPU devices as the mesh
+has (`--compiler cpu` forces it). XLA:CPU has no bfloat16 matmul, so it keeps float32 copies of bf16 weights and of
+the KV cache among its temporaries: a bf16 plan's CPU temporaries overstate the TPU's (7B on tensor=4: prefill 14.2
+vs 4.0 GB, decode 15.5 vs 0.02 GB); the report's first line names the compiler.
 
 Per program: XLA's argument, output, alias and temporary bytes per device and its peak = arguments + outputs −
 aliased + temporaries; "resident" adds what stays on the device meanwhile that the program does not read (decode:

@@ -18,9 +18,9 @@ import sys
 
 TPU_CHIPS = ("v4", "v5e", "v5p", "v6e")
 _THREE_D = ("v4", "v5p")  # 3-D torus slices; v5e and v6e are 2-D
-CPU_WARNING = ("WARNING: XLA:CPU plan. Its figures overstate a TPU's memory (float32 copies of bf16 weights and "
-               "activations: no bf16 matmul on CPU; CPU fusion and buffer assignment) and its collectives are "
-               "XLA:CPU's partitioning. Install libtpu (pip install -e '.[tpu-plan]') for XLA:TPU figures.")
+CPU_WARNING = ("WARNING: XLA:CPU plan, not a TPU's: its figures overstate a TPU's memory (float32 copies of bf16 "
+               "weights, caches and activations: no bf16 matmul on CPU) and follow CPU fusion and buffer assignment; "
+               "its collectives are XLA:CPU's partitioning.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,18 @@ def choose_compiler(chip: str | None, topology: str | None, compiler: str = "aut
     return Compiler("XLA:CPU", reason=why)
 
 
+def cpu_warning(reason: str = "") -> str:
+    """CPU_WARNING with how to get XLA:TPU figures instead, given why XLA:CPU was chosen."""
+    if reason == "--compiler cpu":
+        hint = "(--compiler cpu)"
+    elif libtpu_available():
+        hint = "For XLA:TPU figures name the TPU: --chip v5e (or v5p, v4, v6e) or --topology v5e:2x4."
+    else:
+        hint = "For XLA:TPU figures install libtpu (pip install -e '.[tpu-plan]'; no TPU needed) and name the TPU."
+    return f"{CPU_WARNING} {hint}"
+
+
 def warn_cpu(compiler: Compiler, stream=sys.stderr) -> None:
-    """Print CPU_WARNING (to stderr, and so the report's reader sees it) when the plan is XLA:CPU's."""
+    """Print the XLA:CPU warning to stderr (the report repeats it on stdout) when the plan is XLA:CPU's."""
     if compiler.name == "XLA:CPU":
-        print(f"{CPU_WARNING} ({compiler.reason})", file=stream)
+        print(cpu_warning(compiler.reason), file=stream)

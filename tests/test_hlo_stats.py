@@ -264,3 +264,19 @@ ENTRY %main (p: f32[8,8]) -> f32[8,8] {
     assert [i.name for i in module.computations["main"]] == ["p", "k", "d"] and module.root("main").name == "d"
     assert module.by_name["k"].operands == ("p",) and 'op_name="pallas_call"' in module.by_name["k"].attributes
     assert hlo_stats.dot_flops(module)["flops"] == 2 * 8 * 8 * 8 and hlo_stats.dot_flops(module)["kernel_calls"] == 1
+
+
+def test_convolution_form_matmuls_count_the_taps_that_read_the_input():
+    """XLA:TPU's matmuls as convolutions: spatial dims that are size-1 inputs padded to the window read one input
+    element per output position (2B's ViT qkv: [2048, 1280] @ [1280, 3·16·80]); a window over a size-2 input with
+    no padding contracts it (a batch-as-spatial dim summed over)."""
+    module = hlo_stats.parse_hlo("""HloModule m, num_partitions=1
+ENTRY %main (x: bf16[2048,1280,1,1], w: bf16[1280,3,16,80], a: bf16[4,2,64], b: bf16[64,2,32]) -> bf16[4,1,32] {
+  %x = bf16[2048,1280,1,1]{3,2,1,0} parameter(0)
+  %w = bf16[1280,3,16,80]{3,2,1,0} parameter(1)
+  %qkv = bf16[2048,3,16,80]{3,2,1,0} convolution(%x, %w), window={size=3x16 pad=2_2x15_15 rhs_reversal=1x1}, dim_labels=bf01_i01o->b01f
+  %a = bf16[4,2,64]{2,1,0} parameter(2)
+  %b = bf16[64,2,32]{2,1,0} parameter(3)
+  ROOT %summed = bf16[4,1,32]{2,1,0} convolution(%a, %b), window={size=2}, dim_labels=b0f_i0o->b0f
+}""")
+    assert hlo_stats.dot_flops(module)["flops"] == 2 * 2048 * 1280 * 3 * 16 * 80 + 2 * 4 * 32 * 64 * 2
