@@ -29,11 +29,25 @@ def setup(tmp_path_factory):
     return model_config, init_params(model_config, seed=0), {k: v for k, v in batch.items() if k not in HOST_KEYS}
 
 
+_STEPS = {}
+
+
+def _step(setup, stage, lr, optimizer_args):
+    """(optimizer, jitted train step) for these settings, built and compiled once per module: runs that differ only
+    in their step count or batch share one program."""
+    key = (id(setup), stage, lr, tuple(sorted(optimizer_args.items())))
+    if key not in _STEPS:
+        model_config, params, _ = setup
+        trainable = trainable_mask(params, stage)
+        optimizer = make_optimizer(lr, warmup_steps=0, total_steps=1000, trainable=trainable, **optimizer_args)
+        _STEPS[key] = optimizer, jax.jit(functools.partial(train_step, config=model_config, optimizer=optimizer,
+                                                           trainable=trainable))
+    return _STEPS[key]
+
+
 def run(setup, steps, stage="all", lr=3e-3, batch=None, **optimizer_args):
-    model_config, params, fixed = setup
-    trainable = trainable_mask(params, stage)
-    optimizer = make_optimizer(lr, warmup_steps=0, total_steps=1000, trainable=trainable, **optimizer_args)
-    step = jax.jit(functools.partial(train_step, config=model_config, optimizer=optimizer, trainable=trainable))
+    _, params, fixed = setup
+    optimizer, step = _step(setup, stage, lr, optimizer_args)
     state, losses = init_state(params, optimizer), []
     for _ in range(steps):
         state, metrics = step(state, fixed if batch is None else batch)
@@ -45,8 +59,9 @@ def test_head_on_target_positions_only_gives_the_full_loss_and_gradients(setup):
     model_config, params, batch = setup
     assert batch["loss_index"].size < batch["input_ids"].size  # the demo batch takes the small rung
     full = {k: v for k, v in batch.items() if k not in ("loss_index", "loss_targets")}
-    (a, ca), ga = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, model_config)
-    (b, cb), gb = jax.value_and_grad(loss_fn, has_aux=True)(params, full, model_config)
+    grad = jax.jit(jax.value_and_grad(functools.partial(loss_fn, config=model_config), has_aux=True))
+    (a, ca), ga = grad(params, batch)
+    (b, cb), gb = grad(params, full)
     assert int(ca) == int(cb) == int((batch["labels"] != IGNORE).sum())
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-5), ga, gb)
