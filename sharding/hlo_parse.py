@@ -82,7 +82,8 @@ def _bits(dtype: str) -> int:
 
 
 def parse_arrays(shape: str) -> tuple[Array, ...]:
-    """'(f32[8,128]{1,0}, (s32[], bf16[<=4,2]))' → (Array('f32', (8, 128)), Array('s32', ()), Array('bf16', (4, 2)))."""
+    """'(f32[8,128]{1,0}, (s32[], bf16[<=4,2]))' →
+    (Array('f32', (8, 128)), Array('s32', ()), Array('bf16', (4, 2)))."""
     return tuple(Array(dtype, tuple(int(d.strip().lstrip("<=")) for d in dims.split(",") if d.strip()))
                  for dtype, dims in _SHAPE_LEAF.findall(shape))
 

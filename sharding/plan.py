@@ -15,8 +15,8 @@ against the HBM given, beside an analytic estimate.
 Two compilers (sharding/topology.py; the report's first line names the one used). XLA:TPU: when `--topology` names
 a slice, or `--chip`/`--hbm` names a TPU generation and libtpu is installed (`pip install -e '.[tpu-plan]'`), the
 step compiles for compile-only TPU devices of that slice (default: the compact slice of the mesh's device count,
-v5e 8 → v5e:2x4, v5p 8 → v5p:2x2x2, v5p 64 → v5p:4x4x4) — TPU buffer assignment, fusion and async collectives, on
-a machine without a TPU. XLA:CPU otherwise (or with `--compiler cpu`), on as many fake CPU devices as the mesh has:
+v5e 8 → v5e:2x4, v5p 8 → v5p:2x2x2, v5p 64 → v5p:4x4x4) — TPU buffer assignment, fusion and async collectives,
+on a machine without a TPU. XLA:CPU otherwise (or with `--compiler cpu`), on as many fake CPU devices as the mesh has:
 it keeps float32 copies of bf16 buffers (no bf16 matmul) and fuses differently, so its temporaries overstate a
 TPU's; the plan says so loudly. `--attention auto` (the default) lets the model pick the kernel from the devices
 compiled for (splash on TPU); `xla` is the blockwise (flash-style) loop from 512 rows, memory linear in length.
@@ -253,17 +253,16 @@ def _size(text: str) -> float:
 def _report(result: dict, hbm: float | None) -> str:
     gb = lambda x: f"{x / 1e9:8.2f} GB"
     a = result["analytic_per_device"]
-    lines = compiler_lines(result) + [f"{result['preset']} ({result['layers']} layers): {result['param_count'] / 1e9:.3f} B params (analytic "
-             f"{result['analytic_param_count'] / 1e9:.3f} B), mesh {result['mesh']} = {result['devices']} devices, "
-             f"batch {result['batch']} × seq {result['seq']} + {result['patches_per_sample']} patches/sample, "
-             f"remat {result['remat']}, {result['dtype']} compute / {result['param_dtype']} params, attention "
-             f"{result['attention']}" + (f" (→ {result['model_attention']})" if result.get("model_attention",
-                                                                                       result["attention"])
-                                          != result["attention"] else ""),
-             f"{'per device':<28}{'plan':>11}{'analytic':>14}",
-             f"{'parameters':<28}{gb(result['params_per_device'])}{gb(a['params'])}",
-             f"{'optimizer state':<28}{gb(result['opt_state_per_device'])}{gb(a['opt_state'])}",
-             f"{'batch':<28}{gb(result['batch_per_device'])}"]
+    lines = compiler_lines(result) + [
+        f"{result['preset']} ({result['layers']} layers): {result['param_count'] / 1e9:.3f} B params (analytic "
+        f"{result['analytic_param_count'] / 1e9:.3f} B), mesh {result['mesh']} = {result['devices']} devices, "
+        f"batch {result['batch']} × seq {result['seq']} + {result['patches_per_sample']} patches/sample, "
+        f"remat {result['remat']}, {result['dtype']} compute / {result['param_dtype']} params, attention "
+        f"{result.get('model_attention', result['attention'])}",
+        f"{'per device':<28}{'plan':>11}{'analytic':>14}",
+        f"{'parameters':<28}{gb(result['params_per_device'])}{gb(a['params'])}",
+        f"{'optimizer state':<28}{gb(result['opt_state_per_device'])}{gb(a['opt_state'])}",
+        f"{'batch':<28}{gb(result['batch_per_device'])}"]
     if "xla" in result:
         x = result["xla"]
         lines += [f"{'temporaries (XLA)':<28}{gb(x['temporaries'])}"
