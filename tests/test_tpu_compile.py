@@ -301,7 +301,8 @@ def generation(devices):
 
 def test_detectors_tell_splash_from_the_blockwise_loop(devices):
     """The checks below can fail: on the same mesh, attention="xla" compiles to the blockwise while loop (unknown
-    trip count) and no kernel, "auto" to the splash forward kernel and no such loop."""
+    trip count) and no kernel, "auto" to the splash forward kernel and no such loop; an attention output gathered
+    off its batch shards is an activation all-gather."""
     import jax
     import jax.numpy as jnp
 
@@ -322,8 +323,17 @@ def test_detectors_tell_splash_from_the_blockwise_loop(devices):
         with jax.set_mesh(mesh):
             program = _compile(f"attention {implementation}", lambda: jax.jit(f).lower(q, seg), {"tokens": 1024})
         found[implementation] = (kernel_kinds(program), len(unknown_trip_loops(program)))
+        assert not activation_gathers(program), describe(activation_gathers(program))
     assert found["xla"][0] == set() and found["xla"][1] >= 1, found
     assert found["auto"] == ({(None, "fwd")}, 0), found
+
+    def gathered(q, seg):  # the output replicated: every device needs all rows
+        with axis_rules(mesh):
+            out = dot_product_attention(q, q, q, segment_ids=seg, causal=True)
+        return jax.lax.with_sharding_constraint(out, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    with jax.set_mesh(mesh):
+        program = _compile("attention, output gathered", lambda: jax.jit(gathered).lower(q, seg), {"tokens": 1024})
+    assert [g.arrays[0].shape for g in activation_gathers(program)] == [(8, 1024, 2, 128)]
 
 
 def check_train_step(program: Program) -> None:
