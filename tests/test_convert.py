@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import qwen2vl_jax
-from qwen2vl_jax import Qwen2VL, Qwen2VLConfig
+from qwen2vl_jax import Qwen2VLConfig
 from qwen2vl_jax.checkpoint import lazy, orbax_files
 from qwen2vl_jax.checkpoint.convert import hf_to_orbax, main, orbax_to_hf
 from qwen2vl_jax.checkpoint.hf import iter_tensors
@@ -21,13 +21,13 @@ from qwen2vl_jax.processing import Processor
 from qwen2vl_jax.processing.fixtures import write_tiny_processor
 from reference import reference, torch_logits
 from test_checkpoint_hf import _save
-from test_model import CASES, make_batch
+from test_model import CASES, logits, make_batch
 
 LAYOUTS = {"single": {}, "sharded": {"max_shard_size": "100KB"}, "bin": {"as_bin": True}}
 
 
 def _logits(config, params, batch):
-    return np.asarray(Qwen2VL(config).apply({"params": params}, **batch))
+    return logits(config, params, batch)  # jitted over params and pixels (test_model.logits)
 
 
 def _tensors(folder) -> dict[str, np.ndarray]:

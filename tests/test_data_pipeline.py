@@ -229,8 +229,11 @@ def test_qwen2_5_vl_training_batches_give_the_models_own_logits(demo):
     processor = with_pixel_bounds(processor, data.min_pixels, data.max_pixels, data.get("video_total_pixels"))
     params = init_params(config, seed=2)
     model = Qwen2VL(config)
-    logits = np.asarray(model.apply({"params": params}, batch["input_ids"], batch["prepared"], batch["vision_pixels"],
-                                    method=Qwen2VL.forward))
+    import jax  # jitted (ids and grids of the single examples stay concrete): far cheaper than op-by-op dispatch
+
+    logits = np.asarray(jax.jit(lambda p, ids, prep, px: model.apply({"params": p}, ids, prep, px,
+                                                                     method=Qwen2VL.forward))(
+        params, batch["input_ids"], batch["prepared"], batch["vision_pixels"]))
     by_id = {r["id"]: r for r in records}
     seen, padded_windows = 0, 0
     for row, ids in enumerate(batch["example_ids"]):
@@ -239,8 +242,10 @@ def test_qwen2_5_vl_training_batches_give_the_models_own_logits(demo):
             record = by_id[example_id]
             alone = processor([record["messages"]], images=record["images"], add_generation_prompt=False)
             padded_windows += int(((alone["image_grid_thw"][:, 1:] // 2) % 2).any())  # a merged side not a multiple of 2
-            want = np.asarray(model.apply({"params": params}, alone["input_ids"], alone["attention_mask"],
-                                          alone["pixel_values"], alone["image_grid_thw"]))[0]
+            want = np.asarray(jax.jit(lambda p, px: model.apply({"params": p}, alone["input_ids"],
+                                                                alone["attention_mask"], px,
+                                                                alone["image_grid_thw"]))(
+                params, alone["pixel_values"]))[0]
             np.testing.assert_allclose(logits[row][segments == s], want, atol=2e-5, rtol=2e-5)
             seen += 1
     assert seen == 4 and padded_windows > 0

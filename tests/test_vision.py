@@ -1,4 +1,5 @@
 """The packed ViT against transformers' vision tower: last hidden states and merged features."""
+import jax
 import numpy as np
 import pytest
 import torch
@@ -23,8 +24,8 @@ def test_vit_matches_transformers(name, case):
     with torch.no_grad():
         out = model.model.visual(torch.from_numpy(px), grid_thw=torch.from_numpy(grids))
     pos, seg = vision_layout(grids, cfg.vision.spatial_merge_size)[:2]
-    merged, hidden = Qwen2VL(cfg).apply({"params": params}, px, pos, seg, method=lambda m, *a: m.visual(
-        *a, return_hidden=True))
+    merged, hidden = jax.jit(lambda p, x: Qwen2VL(cfg).apply({"params": p}, x, pos, seg, method=lambda m, *a: m.visual(
+        *a, return_hidden=True)))(params, px)
     np.testing.assert_allclose(np.asarray(hidden), out.last_hidden_state.numpy(), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(merged), out.pooler_output.numpy(), atol=1e-5, rtol=0)
 
@@ -34,8 +35,9 @@ def test_padding_rows_do_not_change_real_features():
     cfg, _, params = reference("tied")
     grids = np.array([(1, 4, 6), (2, 2, 4)])
     px = pixels(np.random.default_rng(1), grids)
-    apply = lambda p, pos, seg: np.asarray(Qwen2VL(cfg).apply({"params": params}, p, pos, seg,
-                                                              method=Qwen2VL.encode_vision))
+    encode = jax.jit(lambda p, x, pos, seg: Qwen2VL(cfg).apply({"params": p}, x, pos, seg,
+                                                               method=Qwen2VL.encode_vision))
+    apply = lambda x, pos, seg: np.asarray(encode(params, x, pos, seg))
     exact = apply(px, *vision_layout(grids, 2)[:2])
     padded_px = np.concatenate([px, 7.0 * np.ones((16, px.shape[1]), np.float32)])
     padded = apply(padded_px, *vision_layout(grids, 2, pad_to=len(px) + 16)[:2])
