@@ -249,3 +249,21 @@ def test_xla_picks_blockwise_for_long_masked_self_attention(length, causal, segm
     seg = packed_ids([length // 2, length - length // 2]) if segments else None
     jaxpr = jax.make_jaxpr(lambda q, k, v: dot_product_attention(q, k, v, segment_ids=seg, causal=causal))(q, k, v)
     assert ("while" in str(jaxpr)) == blockwise
+
+
+def test_auto_follows_the_compiled_for_devices():
+    """auto: XLA on CPU (no mesh, or a mesh of CPU devices); an unknown name is refused by the config too."""
+    from qwen2vl_jax import Qwen2VLConfig
+    from qwen2vl_jax.attention import resolve_implementation, target_platform
+
+    assert target_platform() == "cpu" and resolve_implementation("auto", jnp.bfloat16) == "xla"
+    mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+    with jax.set_mesh(mesh):
+        assert target_platform() == "cpu" and resolve_implementation("auto") == "xla"
+    assert resolve_implementation("pallas_tpu") == "pallas_tpu"
+    assert Qwen2VLConfig().attention == "auto"
+    with pytest.raises(ValueError, match="attention='flash'"):
+        Qwen2VLConfig(attention="flash")
+    q, k, v = qkv(30, 1, 40, 2, 16)
+    with pytest.raises(ValueError, match="needs a TPU"):
+        dot_product_attention(q, k, v, implementation="pallas_tpu")
