@@ -167,12 +167,12 @@ def test_vision_padding_is_cheap_and_changes_nothing():
     real = int(grids.prod(-1).sum())
     pixels = np.random.default_rng(0).standard_normal((real, cfg.vision.patch_dim)).astype(np.float32)
     features = {}
+    encode = jax.jit(lambda p, x, pos, seg: Qwen2VL(cfg).apply({"params": p}, x, pos, seg, method=Qwen2VL.encode_vision))
     for bucket in (real, 4096):
         pos, seg = vision_layout(grids, 2, bucket)[:2]
         assert (seg[real:] < 0).all() and len(set(seg[real:PADDING_RUN + real].tolist())) <= 2
         padded = np.concatenate([pixels, np.zeros((bucket - real, cfg.vision.patch_dim), np.float32)])
-        features[bucket] = np.asarray(Qwen2VL(cfg).apply({"params": params}, padded, pos, seg,
-                                                         method=Qwen2VL.encode_vision))[:real // 4]
+        features[bucket] = np.asarray(encode(params, padded, pos, seg))[:real // 4]
         if bucket == 4096:
             assert int(visited_block_pairs(seg[None])) <= 4096 // 256 + 2  # one kv block per query block
     np.testing.assert_allclose(features[4096], features[real], rtol=1e-5, atol=1e-5)
