@@ -63,6 +63,8 @@ def test_a_resumed_train_run_loads_its_train_step_from_the_cache(tmp_path):
     finish(proc, log)
     first = summary_of(log)
     assert first["preempted"] and first["steps"] < 8
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == first["steps"]  # SIGTERM left a checkpoint of the step it stopped at (checkpoint_every=100)
     assert first["compile_cache"]["dir"] == str(workdir / "compile_cache")
     assert first["compile_cache"]["step_compiled"] == 1 and first["compile_cache"]["step_loaded"] == 0
     assert os.listdir(workdir / "compile_cache")

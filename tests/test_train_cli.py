@@ -1,5 +1,6 @@
-"""`qwen2vl-train` end to end in subprocesses: kill -9 and resume (bit-exact), SIGTERM checkpoints, compile count
-≤ buckets, and a 2-process jax.distributed run that gives the losses of one process."""
+"""`qwen2vl-train` end to end in subprocesses: kill -9 and resume (bit-exact), compile count ≤ buckets, and a 2-process
+jax.distributed run that gives the losses of one process. (A SIGTERM'd run leaves a checkpoint of the step it stopped
+at and resumes from it: tests/test_compile_cache.py's first run; on 2 processes: tests/test_multihost_train.py.)"""
 import json
 import os
 import signal
@@ -61,21 +62,30 @@ def data_dir(tmp_path_factory):
     return folder
 
 
+RESUMABLE = ("--config.steps=30", "--config.checkpoint_every=10", "--config.data.length_buckets=(48,64,128)",
+             "--config.data.vision_buckets=(128,256,512)")
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, data_dir):
+def step_cache(tmp_path_factory):
+    """One compilation cache for the uninterrupted run and the kill -9 test's runs (the same settings, the same
+    programs): the uninterrupted run compiles, the later ones load. A resumed run already loads from its workdir's
+    cache; test_compile_cache checks what the cache loads and compiles."""
+    return str(tmp_path_factory.mktemp("step_cache"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir, step_cache):
     """A 30-step run start to finish (shared by the resume and compile-count tests)."""
     workdir = tmp_path_factory.mktemp("uninterrupted")
     log = str(workdir / "log")
-    finish(start(command(workdir, data_dir, "--config.steps=30", "--config.checkpoint_every=10",
-                         "--config.data.length_buckets=(48,64,128)", "--config.data.vision_buckets=(128,256,512)"),
-                 log), log)
+    finish(start(command(workdir, data_dir, *RESUMABLE, f"--config.compile_cache={step_cache}"), log), log)
     return workdir, summary_of(log)
 
 
-def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir, uninterrupted):
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path, data_dir, uninterrupted, step_cache):
     reference, _ = uninterrupted
-    args = command(tmp_path, data_dir, "--config.steps=30", "--config.checkpoint_every=10",
-                   "--config.data.length_buckets=(48,64,128)", "--config.data.vision_buckets=(128,256,512)")
+    args = command(tmp_path, data_dir, *RESUMABLE, f"--config.compile_cache={step_cache}")
     log = str(tmp_path / "log")
     proc = start(args, log)
     deadline = time.monotonic() + TIMEOUT_S
@@ -117,20 +127,6 @@ def test_train_step_compiles_once_per_bucket(uninterrupted):
     assert summary["step_compiles"] <= summary["batch_shapes"]
     records = read_metrics(workdir)
     assert records[30]["loss"] < records[1]["loss"]
-
-
-def test_sigterm_leaves_a_checkpoint(tmp_path, data_dir):
-    log = str(tmp_path / "log")
-    proc = start(command(tmp_path, data_dir, "--config.steps=100000", "--config.checkpoint_every=100000"), log)
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(read_metrics(tmp_path)) < 3 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGTERM)
-    finish(proc, log)
-    summary = summary_of(log)
-    assert summary["preempted"] and 3 <= summary["steps"] < 100000
-    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved[-1] == summary["steps"]
 
 
 def two_processes(tmp_path, data_dirs, *args):
