@@ -128,10 +128,13 @@ def test_packing_keeps_examples_apart(demo):
     assert seg.max() > 1 and (packed["prepared"]["position_ids"][0][seg == 2] < 64).all()
     params = init_params(model_config, seed=1)
 
+    @jax.jit  # one compile per batch shape: far cheaper than op-by-op dispatch
+    def loss(ids, prepared, pixels, labels):
+        logits = Qwen2VL(model_config).apply({"params": params}, ids, prepared, pixels, method=Qwen2VL.forward)
+        return cross_entropy(logits, labels)
+
     def total(batch):
-        logits = Qwen2VL(model_config).apply({"params": params}, batch["input_ids"], batch["prepared"],
-                                             batch["vision_pixels"], method=Qwen2VL.forward)
-        return cross_entropy(logits, batch["labels"])
+        return loss(batch["input_ids"], batch["prepared"], batch["vision_pixels"], batch["labels"])
 
     n_packed = sum(len(r) for r in packed["example_ids"])
     ids = [i for row in packed["example_ids"] for i in row]
