@@ -55,9 +55,11 @@ def _memory(compiled) -> dict:
 def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_tokens: int = 512,
                   patches_per_sample: int = 1024, dtype: str = "bfloat16", dcn: str | None = None, config=None,
                   attention: str | None = None, ladders=None, topology: str | None = None,
-                  compile: bool = True) -> dict:
+                  compile: bool = True, compiler_options: dict | None = None) -> dict:
     """The generation plan as a dict of byte counts and timings (see the module docstring). Params and compute in
-    `dtype`; `config` overrides the preset (e.g. fewer layers); `topology` compiles for that TPU slice."""
+    `dtype`; `config` overrides the preset (e.g. fewer layers); `topology` compiles for that TPU slice;
+    `compiler_options` go to XLA as they are (tests pass {"exec_time_optimization_effort": -1} for a faster
+    XLA:TPU compile)."""
     import flax.linen as nn
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
@@ -104,7 +106,7 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
     with generation_rules(device_mesh):
         prefill, decode = programs(config, tuple(nn.get_logical_axis_rules()), jax.sharding.get_abstract_mesh())
         start = time.perf_counter()
-        compiled_prefill = prefill.lower(params, inputs, controls, cache_length=shapes.cache).compile()
+        compiled_prefill = prefill.lower(params, inputs, controls, cache_length=shapes.cache).compile(compiler_options)
         out["prefill_seconds"] = time.perf_counter() - start
         # decode's arguments, sharded as the compiled prefill returns them (token, cache, kv_valid, seen)
         token_s, cache_s, kv_valid_s, seen_s = compiled_prefill.output_shardings
@@ -115,7 +117,7 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
                      start=replicated(s["start"]), next_position=place(s["next_position"], by_batch))
         cache = place(calls["cache"], cache_s)
         start = time.perf_counter()
-        compiled_decode = decode.lower(params, cache, state, controls).compile()
+        compiled_decode = decode.lower(params, cache, state, controls).compile(compiler_options)
         out["decode_seconds"] = time.perf_counter() - start
     out["cache_per_device"], out["state_per_device"] = _bytes(cache)[1], _bytes(state)[1]
     out["cache_specs"] = sorted({str(x.spec) for x in jax.tree_util.tree_leaves(cache_s)})
