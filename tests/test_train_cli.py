@@ -212,5 +212,8 @@ def test_init_from_a_checkpoint_folder_starts_from_its_weights(tmp_path, data_di
     batch = next(iter(training_batches(open_source(config.data.train, data_dir=data_dir), processor, model_config,
                                        config.data, seed=config.seed)))
     params = qwen2vl_jax.load(str(folder), scan_layers=False)[1]
-    loss, _ = loss_fn(params, {k: v for k, v in batch.items() if k not in HOST_KEYS}, model_config)
+    import jax  # jitted as the train step computes it (and far cheaper than op-by-op dispatch)
+
+    loss, _ = jax.jit(lambda p, b: loss_fn(p, b, model_config))(params, {k: v for k, v in batch.items()
+                                                                        if k not in HOST_KEYS})
     np.testing.assert_allclose(read_metrics(tmp_path / "run")[1]["loss"], float(loss), rtol=1e-5)
