@@ -18,14 +18,16 @@ padding); for other layouts the range test only over-approximates, and the exact
 visited block anyway (segment equality, and causal through `_causal` on the kernel's q/k positions). Skipped pairs
 are neither computed nor fetched: `data_next` repeats the last block fetched along the kernel's grid order, so the
 pipeline issues no DMA for them. The same run mask serves the forward and dq kernels (kv blocks inner) and, laid out
-in its grid order (q blocks inner), the dkv kernel. The packed ViT then costs Σ nᵢ² as the XLA blockwise path does,
-not (Σ nᵢ)²; `visited_block_pairs` counts the pairs from the very mask info the kernel gets.
+in its grid order (q blocks inner), the dkv kernel. Each row's running blocks come first on the grid, and the grid
+narrows at run time to the busiest row (`grid_widths`: 8 / 32 / 128 / all steps, one `lax.switch`), since a skipped
+step still costs a grid step. The packed ViT then costs Σ nᵢ² as the XLA blockwise path does, not (Σ nᵢ)²;
+`visited_block_pairs` counts the pairs from the very mask info the kernel gets, `grid_steps` the steps.
 
 Nothing in the kernel's construction runs eagerly: the mask infos are jnp values of the trace (no constants moved
 to devices), so the kernel builds under any mesh — compile-only TPU topologies included — and inside any jit.
 Per batch row the mask info differs, so the batch is a loop of kernel calls (Pallas batches a kernel with batched
-scalar-prefetch operands as an HLO while loop). Scalar memory per kernel call: nq·nk bytes of block mask plus nq·nk
-int8/int16 entries of `data_next` (a 64k-row shard in 512-row blocks: 128² · 3 B = 48 KiB).
+scalar-prefetch operands as an HLO while loop). Scalar memory per kernel call: nq · width bytes of block mask plus
+as many int8/int16 entries of `data_next` (a 64k-row shard in 512-row blocks at full width: 128² · 3 B = 48 KiB).
 
 Differentiable: splash's custom VJP (separate dq and dkv kernels). Runs on TPU, or on any device in Pallas TPU
 interpret mode:
@@ -122,9 +124,9 @@ def _compact(runs, width):
 
 def grid_widths(blocks):
     """The inner grid widths a kernel is compiled for along an axis of `blocks` blocks: those of 8, 32, 128 at most
-    half of it, and `blocks` itself. At run time the narrowest holding every row's running blocks is taken (`lax.switch`): a grid
-    step that runs nothing still costs the kernel a step (~0.35 µs on TPU), so a packed ViT shard of many short
-    segments must not iterate over all (Σ nᵢ)² / b² pairs."""
+    half of it, and `blocks` itself. At run time the narrowest holding every row's running blocks is taken
+    (`lax.switch`): a grid step that runs nothing still costs the kernel a step (~0.35 µs on TPU), so a packed ViT
+    shard of many short segments must not iterate over all (Σ nᵢ)² / b² pairs."""
     return tuple(w for w in (8, 32, 128) if 2 * w <= blocks) + (blocks,)
 
 
