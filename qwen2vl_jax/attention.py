@@ -126,11 +126,8 @@ def _local_attention(q, k, v, segment_ids, kv_segment_ids, causal, implementatio
         return blockwise_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
     if implementation == "cudnn":
         return cudnn_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal)
-    if implementation == "pallas_tpu":
-        return pallas_tpu_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal,
-                                    platform=target_platform())
-    raise ValueError(f"Unknown attention implementation {implementation!r}; "
-                     f"choose one of {', '.join(IMPLEMENTATIONS)}.")
+    return pallas_tpu_attention(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, causal=causal,
+                                platform=target_platform())  # "pallas_tpu": names were checked on the way in
 
 
 def _check_inputs(q, k, v, segment_ids, kv_segment_ids):

@@ -39,6 +39,7 @@ interpret mode:
 """
 import contextlib
 import contextvars
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -142,14 +143,20 @@ def mask_info(seg_q, seg_kv, bq, bk, causal_offset=None, width=None):
     the q block. width: None = no compression (nk for the forward, nq for dkv). block_mask is 1 where the step runs
     (masking inside the block is segment ids + `_causal`, never a stored partial block); q_sequence: the query
     positions `_causal` reads (causal only)."""
+    return _mask_infos(block_runs(seg_q, seg_kv, bq, bk, causal_offset), width,
+                       _q_sequence(seg_q.shape[0], causal_offset))
+
+
+def _q_sequence(lqp, causal_offset):
+    return None if causal_offset is None else jnp.arange(lqp, dtype=jnp.int32) + causal_offset
+
+
+def _mask_infos(runs, width, q_sequence):
+    """`mask_info` from a row's bool[nq, nk] `block_runs`."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_mask_info import MaskInfo
 
-    runs = block_runs(seg_q, seg_kv, bq, bk, causal_offset)
     nq, nk = runs.shape
     fetch, active = _compact(runs, nk if width is None else min(width, nk))
-    q_sequence = None
-    if causal_offset is not None:
-        q_sequence = jnp.arange(seg_q.shape[0], dtype=jnp.int32) + causal_offset
     fwd = MaskInfo(data_next=_small_int(fetch, nk)[None], mask_next=None, block_mask=active.astype(jnp.int8)[None],
                    partial_mask_blocks=None, q_sequence=q_sequence, is_dynamic_mask=True)
     fetch, active = _compact(runs.T, nq if width is None else min(width, nq))
@@ -157,56 +164,64 @@ def mask_info(seg_q, seg_kv, bq, bk, causal_offset=None, width=None):
     return fwd, dkv
 
 
-def busiest_row(seg_q, seg_kv, bq, bk, causal_offset=None):
-    """int32[]: the most running blocks any q block (forward) or kv block (dkv) of these rows has; seg_q: [B, Lqp]."""
-    runs = jax.vmap(lambda s, t: block_runs(s, t, bq, bk, causal_offset))(seg_q, seg_kv)
-    return jnp.maximum(runs.sum(2).max(), runs.sum(1).max()).astype(jnp.int32)
+class _Layout(NamedTuple):
+    """How `_splash` lays one call out: block sizes, padded lengths, causal offset, the ids the kernel masks with
+    (int32[B, Lqp] / [B, Lkp]; None when nothing is masked by id), every row's `block_runs` bool[B, nq, nk], and
+    the grid widths compiled with the index of the one these rows need (the narrowest holding the busiest q or kv
+    block, over all rows: one choice for the device's whole batch)."""
+    bq: int
+    bk: int
+    lqp: int
+    lkp: int
+    offset: int | None
+    seg_q: jax.Array | None
+    seg_kv: jax.Array | None
+    runs: jax.Array
+    widths: tuple
+    width_index: jax.Array
 
 
-def _padded_ids(segment_ids, kv_segment_ids, B, lq, lk, lqp, lkp):
-    """Segment ids padded to the kernel lengths with -1 (padding), or None when nothing needs them."""
-    if segment_ids is None and lqp == lq and lkp == lk:
-        return None, None
-    if segment_ids is None:
-        seg_q, seg_kv = jnp.zeros((B, lq), jnp.int32), jnp.zeros((B, lk), jnp.int32)
-    else:
-        seg_q = jnp.asarray(segment_ids, jnp.int32)
-        seg_kv = seg_q if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
-    return _pad(seg_q, 1, lqp, -1), _pad(seg_kv, 1, lkp, -1)
-
-
-def _geometry(lq, lk, max_block):
+def _layout(segment_ids, kv_segment_ids, causal, B, lq, lk, max_block) -> _Layout:
     bq, bk = kernel_block(lq, max_block), kernel_block(lk, max_block)
-    return bq, bk, _round_up(lq, bq), _round_up(lk, bk)
+    lqp, lkp = _round_up(lq, bq), _round_up(lk, bk)
+    offset = lk - lq if causal else None
+    seg_q = seg_kv = None
+    if segment_ids is not None or lqp != lq or lkp != lk:  # padded rows need ids (-1: padding)
+        seg_q = jnp.zeros((B, lq), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+        seg_kv = seg_q if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
+        seg_q, seg_kv = _pad(seg_q, 1, lqp, -1), _pad(seg_kv, 1, lkp, -1)
+    ids_q = jnp.zeros((B, lqp), jnp.int32) if seg_q is None else seg_q
+    ids_kv = jnp.zeros((B, lkp), jnp.int32) if seg_kv is None else seg_kv
+    runs = jax.vmap(lambda s, t: block_runs(s, t, bq, bk, offset))(ids_q, ids_kv)
+    busiest = jnp.maximum(runs.sum(2).max(), runs.sum(1).max())
+    widths = grid_widths(max(lqp // bq, lkp // bk))
+    return _Layout(bq, bk, lqp, lkp, offset, seg_q, seg_kv, runs, widths,
+                   jnp.searchsorted(jnp.asarray(widths), busiest))
 
 
 def visited_block_pairs(segment_ids, kv_segment_ids=None, *, causal=False, lq=None, lk=None, max_block=MAX_BLOCK):
     """int[B]: the (q block, kv block) pairs the splash forward kernel runs per batch row, read from the mask info
     it is given (block_mask > 0). segment_ids: int[B, Lq] (None: lq/lk give the lengths, no segments)."""
-    return _block_accounting(segment_ids, kv_segment_ids, causal, lq, lk, max_block)[0]
+    layout = _accounting_layout(segment_ids, kv_segment_ids, causal, lq, lk, max_block)
+    width = layout.widths[int(layout.width_index)]
+    q_sequence = _q_sequence(layout.lqp, layout.offset)
+    infos = jax.vmap(lambda r: _mask_infos(r, width, q_sequence)[0])(layout.runs)
+    return (infos.block_mask > 0).sum(axis=(1, 2, 3))
 
 
 def grid_steps(segment_ids, kv_segment_ids=None, *, causal=False, lq=None, lk=None, max_block=MAX_BLOCK):
     """int: the forward kernel's grid steps per head and batch row — nq × the grid width `_splash` picks for these
     ids (`grid_widths`) — run or skipped."""
-    return int(_block_accounting(segment_ids, kv_segment_ids, causal, lq, lk, max_block)[1])
+    layout = _accounting_layout(segment_ids, kv_segment_ids, causal, lq, lk, max_block)
+    nq, nk = layout.runs.shape[1:]
+    return nq * min(layout.widths[int(layout.width_index)], nk)
 
 
-def _block_accounting(segment_ids, kv_segment_ids, causal, lq, lk, max_block):
-    if segment_ids is not None:
-        B, lq = segment_ids.shape
-        lk = lq if kv_segment_ids is None else kv_segment_ids.shape[1]
-    else:
-        B, lk = 1, lk or lq
-    bq, bk, lqp, lkp = _geometry(lq, lk, max_block)
-    seg_q, seg_kv = _padded_ids(segment_ids, kv_segment_ids, B, lq, lk, lqp, lkp)
-    if seg_q is None:
-        seg_q, seg_kv = jnp.zeros((B, lqp), jnp.int32), jnp.zeros((B, lkp), jnp.int32)
-    offset = lk - lq if causal else None
-    infos = jax.vmap(lambda s, t: mask_info(s, t, bq, bk, offset)[0])(seg_q, seg_kv)
-    busiest = int(busiest_row(seg_q, seg_kv, bq, bk, offset))
-    width = next(w for w in grid_widths(max(lqp // bq, lkp // bk)) if w >= busiest)
-    return (infos.block_mask > 0).sum(axis=(1, 2, 3)), lqp // bq * min(width, lkp // bk)
+def _accounting_layout(segment_ids, kv_segment_ids, causal, lq, lk, max_block) -> _Layout:
+    if segment_ids is None:
+        return _layout(None, None, causal, 1, lq, lk or lq, max_block)
+    lk = segment_ids.shape[1] if kv_segment_ids is None else kv_segment_ids.shape[1]
+    return _layout(segment_ids, kv_segment_ids, causal, segment_ids.shape[0], segment_ids.shape[1], lk, max_block)
 
 
 def pallas_tpu_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, causal=False, platform=None):
@@ -229,19 +244,17 @@ def _splash(q, k, v, segment_ids, kv_segment_ids, causal, *, mode, max_block=MAX
     that interpreter rejects a vmapped kernel) or "generic_interpret" (Pallas' generic interpreter, batch vmapped)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
-    (B, lq, H, D), (_, lk, hkv, _) = q.shape, k.shape
-    bq, bk, lqp, lkp = _geometry(lq, lk, max_block)
+    (B, lq, _, D), lk = q.shape, k.shape[1]
+    layout = _layout(segment_ids, kv_segment_ids, causal, B, lq, lk, max_block)
+    bq, bk, lqp, lkp = layout.bq, layout.bk, layout.lqp, layout.lkp
     dp = _round_up(D, LANES)
-    offset = lk - lq if causal else None
-    seg_q, seg_kv = _padded_ids(segment_ids, kv_segment_ids, B, lq, lk, lqp, lkp)
-    ids_q = jnp.zeros((B, lqp), jnp.int32) if seg_q is None else seg_q
-    ids_kv = jnp.zeros((B, lkp), jnp.int32) if seg_kv is None else seg_kv
+    q_sequence = _q_sequence(lqp, layout.offset)
     blocks = sk.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                            block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
 
-    def row(q, k, v, ids_q, ids_kv, seg, width):
+    def row(q, k, v, runs, seg, width):
         """One batch row: q [H, Lqp, Dp], k/v [Hkv, Lkp, Dp] → [H, Lqp, Dp], on a grid `width` steps wide."""
-        fwd, dkv = mask_info(ids_q, ids_kv, bq, bk, offset, width)
+        fwd, dkv = _mask_infos(runs, width, q_sequence)
         kernel = sk.SplashAttentionKernel(
             fwd, fwd, dkv, block_sizes=blocks, is_mqa=False, save_residuals=False,
             mask_value=sk.DEFAULT_MASK_VALUE, attn_logits_soft_cap=None, residual_checkpoint_name=None,
@@ -250,23 +263,21 @@ def _splash(q, k, v, segment_ids, kv_segment_ids, causal, *, mode, max_block=MAX
 
     def rows(width, qt, kt, vt, seg):
         if mode == "tpu_interpret":
-            return jnp.stack([row(qt[b], kt[b], vt[b], ids_q[b], ids_kv[b],
+            return jnp.stack([row(qt[b], kt[b], vt[b], layout.runs[b],
                                   None if seg is None else jax.tree.map(lambda x: x[b], seg), width)
                               for b in range(B)])
-        return jax.vmap(lambda *a: row(*a, width))(qt, kt, vt, ids_q, ids_kv, seg)
+        return jax.vmap(lambda *a: row(*a, width))(qt, kt, vt, layout.runs, seg)
 
     scale = float(D) ** -0.5
     qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
     qt = _pad(_pad(qs, 3, dp), 1, lqp).transpose(0, 2, 1, 3)  # [B, H, Lqp, Dp]
     kt = _pad(_pad(k, 3, dp), 1, lkp).transpose(0, 2, 1, 3)  # [B, Hkv, Lkp, Dp]
     vt = _pad(_pad(v, 3, dp), 1, lkp).transpose(0, 2, 1, 3)
-    seg = None if seg_q is None else sk.SegmentIds(q=seg_q, kv=seg_kv)
-    widths = grid_widths(max(lqp // bq, lkp // bk))
-    if len(widths) == 1:
-        out = rows(widths[0], qt, kt, vt, seg)
-    else:  # the narrowest grid holding this device's busiest block row (one choice for all its batch rows)
-        branch = jnp.searchsorted(jnp.asarray(widths), busiest_row(ids_q, ids_kv, bq, bk, offset))
-        out = lax.switch(branch, [lambda *a, w=w: rows(w, *a) for w in widths], qt, kt, vt, seg)
+    seg = None if layout.seg_q is None else sk.SegmentIds(q=layout.seg_q, kv=layout.seg_kv)
+    if len(layout.widths) == 1:
+        out = rows(layout.widths[0], qt, kt, vt, seg)
+    else:
+        out = lax.switch(layout.width_index, [lambda *a, w=w: rows(w, *a) for w in layout.widths], qt, kt, vt, seg)
     out = out[:, :, :lq, :D].transpose(0, 2, 1, 3)  # [B, Lq, H, D]
 
     # Rows the kernel visits nothing for (padding, or no key at all) come out as 0/0: keep only rows that see a key.

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 
-from sharding.topology import plan_devices, tpu_devices  # noqa: F401  (tpu_devices lived here before)
+from sharding.topology import plan_devices
 
 
 def analytic_cache_bytes(config, batch: int, cache: int, mesh_shape: dict, batch_shards: int) -> dict:
@@ -52,6 +52,52 @@ def _memory(compiled) -> dict:
     return out
 
 
+def _place(tree, shardings):
+    """ShapeDtypeStructs of `tree` with the matching `shardings`."""
+    import jax
+
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _replicated(tree, device_mesh):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return _place(tree, jax.tree_util.tree_map(lambda _: NamedSharding(device_mesh, PartitionSpec()), tree))
+
+
+def prefill_arguments(config, device_mesh, shapes, shards: int):
+    """→ (`decoding.abstract_calls`' dict, params, inputs, controls): prefill's abstract arguments, sharded as
+    generation places them (GENERATION_RULES: tensor-parallel params, the batch over the rules' batch axes)."""
+    import flax.linen as nn
+
+    from qwen2vl_jax.decoding import abstract_calls
+    from qwen2vl_jax.model import abstract_params
+    from sharding.rules import GENERATION_RULES, batch_shardings, param_shardings
+
+    calls = abstract_calls(config, shapes, shards)
+    params = _place(nn.unbox(abstract_params(config)), param_shardings(config, device_mesh, GENERATION_RULES))
+    inputs = _place(calls["inputs"], batch_shardings(calls["inputs"], device_mesh, GENERATION_RULES))
+    return calls, params, inputs, _replicated(calls["controls"], device_mesh)
+
+
+def decode_arguments(calls: dict, prefill_output_shardings, device_mesh):
+    """→ (cache, state): decode's abstract arguments, sharded as the compiled prefill returns them (token, cache,
+    kv_valid, seen), the rest of the state by batch row or replicated."""
+    from jax.sharding import NamedSharding
+
+    from sharding.rules import GENERATION_RULES, spec_for
+
+    token_s, cache_s, kv_valid_s, seen_s = prefill_output_shardings
+    rows = calls["state"]["done"].shape[0]
+    by_batch = NamedSharding(device_mesh, spec_for((rows,), ("batch",), device_mesh, GENERATION_RULES))
+    s = calls["state"]
+    state = dict(token=_place(s["token"], token_s), done=_place(s["done"], by_batch),
+                 kv_valid=_place(s["kv_valid"], kv_valid_s), seen=_place(s["seen"], seen_s),
+                 start=_replicated(s["start"], device_mesh), next_position=_place(s["next_position"], by_batch))
+    return _place(calls["cache"], cache_s), state
+
+
 def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_tokens: int = 512,
                   patches_per_sample: int = 1024, dtype: str = "bfloat16", dcn: str | None = None, config=None,
                   attention: str | None = None, ladders=None, topology: str | None = None,
@@ -62,16 +108,13 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
     XLA:TPU compile)."""
     import flax.linen as nn
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from qwen2vl_jax import Qwen2VLConfig
     from qwen2vl_jax.buckets import Ladders, shapes_for
-    from qwen2vl_jax.decoding import abstract_calls, programs
-    from qwen2vl_jax.model import abstract_params
+    from qwen2vl_jax.decoding import programs
     from sharding.mesh import make_mesh
     from sharding.plan import _bytes, _itemsize, analytic_param_count
-    from sharding.rules import (GENERATION_RULES, batch_shard_count, batch_shardings, generation_rules,
-                                param_shardings, spec_for)
+    from sharding.rules import GENERATION_RULES, batch_shard_count, generation_rules
 
     config = (config or Qwen2VLConfig.preset(preset)).replace(scan_layers=True, dtype=dtype, param_dtype=dtype)
     config = config.replace(attention=attention) if attention else config
@@ -79,14 +122,7 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
     shards = batch_shard_count(device_mesh, GENERATION_RULES)
     shapes = shapes_for(ladders or Ladders(), batch, seq, -(-batch * patches_per_sample // shards), max_new_tokens,
                         shards)
-    calls = abstract_calls(config, shapes, shards)
-    place = lambda tree, shardings: jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-    replicated = lambda tree: place(tree, jax.tree_util.tree_map(
-        lambda _: NamedSharding(device_mesh, PartitionSpec()), tree))
-    params = place(nn.unbox(abstract_params(config)), param_shardings(config, device_mesh, GENERATION_RULES))
-    inputs = place(calls["inputs"], batch_shardings(calls["inputs"], device_mesh, GENERATION_RULES))
-    controls = replicated(calls["controls"])
+    calls, params, inputs, controls = prefill_arguments(config, device_mesh, shapes, shards)
     t = config.text
     param_count = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
     out = {"preset": preset, "mesh": dict(device_mesh.shape), "devices": device_mesh.size,
@@ -108,19 +144,12 @@ def plan_generate(preset: str, mesh: str, batch: int, seq: int, *, max_new_token
         start = time.perf_counter()
         compiled_prefill = prefill.lower(params, inputs, controls, cache_length=shapes.cache).compile(compiler_options)
         out["prefill_seconds"] = time.perf_counter() - start
-        # decode's arguments, sharded as the compiled prefill returns them (token, cache, kv_valid, seen)
-        token_s, cache_s, kv_valid_s, seen_s = compiled_prefill.output_shardings
-        by_batch = NamedSharding(device_mesh, spec_for((shapes.batch,), ("batch",), device_mesh, GENERATION_RULES))
-        s = calls["state"]
-        state = dict(token=place(s["token"], token_s), done=place(s["done"], by_batch),
-                     kv_valid=place(s["kv_valid"], kv_valid_s), seen=place(s["seen"], seen_s),
-                     start=replicated(s["start"]), next_position=place(s["next_position"], by_batch))
-        cache = place(calls["cache"], cache_s)
+        cache, state = decode_arguments(calls, compiled_prefill.output_shardings, device_mesh)
         start = time.perf_counter()
         compiled_decode = decode.lower(params, cache, state, controls).compile(compiler_options)
         out["decode_seconds"] = time.perf_counter() - start
     out["cache_per_device"], out["state_per_device"] = _bytes(cache)[1], _bytes(state)[1]
-    out["cache_specs"] = sorted({str(x.spec) for x in jax.tree_util.tree_leaves(cache_s)})
+    out["cache_specs"] = sorted({str(x.sharding.spec) for x in jax.tree_util.tree_leaves(cache)})
     out["prefill"], out["decode"] = _memory(compiled_prefill), _memory(compiled_decode)
     # resident while each program runs: all params (XLA counts those the program reads: decode skips the ViT's),
     # its other arguments, outputs and temporaries; during decode generate() still holds the prefill inputs

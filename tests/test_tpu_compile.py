@@ -253,14 +253,12 @@ def generation(devices):
     each, 512 new tokens → buckets batch 8, length 1024, cache 2048, 1024 ViT rows per shard."""
     import flax.linen as nn
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from qwen2vl_jax.buckets import Ladders, shapes_for
-    from qwen2vl_jax.decoding import abstract_calls, programs
-    from qwen2vl_jax.model import abstract_params
+    from qwen2vl_jax.decoding import programs
     from sharding.mesh import make_mesh
-    from sharding.rules import (GENERATION_RULES, batch_shard_count, batch_shardings, generation_rules,
-                                param_shardings, spec_for)
+    from sharding.plan_generate import decode_arguments, prefill_arguments
+    from sharding.rules import GENERATION_RULES, batch_shard_count, generation_rules
 
     config, _ = shipped_model("qwen2vl_2b_v5e8", depth=VISION_DEPTH)
     config = config.replace(dtype="bfloat16", param_dtype="bfloat16")
@@ -272,24 +270,13 @@ def generation(devices):
     lengths = {"tokens": shapes.length, "cache": shapes.cache, "vit_rows": shapes.vision_rows,
                "merged_rows": shapes.vision_rows // config.vision.spatial_merge_size ** 2}
     check_lengths_are_not_parameter_dims(config, lengths)
-    calls = abstract_calls(config, shapes, shards)
-    place = lambda tree, s: jax.tree_util.tree_map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                                                   tree, s)
-    replicated = lambda tree: place(tree, jax.tree_util.tree_map(lambda _: NamedSharding(mesh, PartitionSpec()), tree))
-    params = place(nn.unbox(abstract_params(config)), param_shardings(config, mesh, GENERATION_RULES))
-    inputs = place(calls["inputs"], batch_shardings(calls["inputs"], mesh, GENERATION_RULES))
-    controls = replicated(calls["controls"])
+    calls, params, inputs, controls = prefill_arguments(config, mesh, shapes, shards)
     with generation_rules(mesh):
         prefill, decode = programs(config, tuple(nn.get_logical_axis_rules()), jax.sharding.get_abstract_mesh())
         compiled_prefill = _compile("prefill 2B fsdp=4,tensor=2", lambda: prefill.lower(
             params, inputs, controls, cache_length=shapes.cache), lengths)
-        token_s, cache_s, kv_valid_s, seen_s = compiled_prefill.compiled.output_shardings
-        by_batch = NamedSharding(mesh, spec_for((shapes.batch,), ("batch",), mesh, GENERATION_RULES))
-        s = calls["state"]
-        state = dict(token=place(s["token"], token_s), done=place(s["done"], by_batch),
-                     kv_valid=place(s["kv_valid"], kv_valid_s), seen=place(s["seen"], seen_s),
-                     start=replicated(s["start"]), next_position=place(s["next_position"], by_batch))
-        cache = place(calls["cache"], cache_s)
+        cache, state = decode_arguments(calls, compiled_prefill.compiled.output_shardings, mesh)
+        cache_s = compiled_prefill.compiled.output_shardings[1]
         compiled_decode = _compile("decode 2B fsdp=4,tensor=2", lambda: decode.lower(params, cache, state, controls),
                                    lengths)
     for program in (compiled_prefill, compiled_decode):
