@@ -21,7 +21,8 @@ compile time (the 2.5-7B step: 21 instead of 104 CPU seconds on 2 cores). Whole 
 Skipped only when libtpu is not installed (`pip install -e '.[tpu-plan]'`)."""
 import os
 
-# before libtpu first loads: no cloud metadata server to ask, and other processes may hold libtpu's lockfile
+# before libtpu first loads (at collection, so also for the tests that run before these): no cloud metadata server
+# to ask, and other processes may hold libtpu's lockfile
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
@@ -183,9 +184,9 @@ def check_lengths_are_not_parameter_dims(config, lengths: dict) -> None:
 
 @pytest.fixture(scope="module")
 def devices():
-    from jax.experimental import topologies
+    from sharding.topology import tpu_devices  # sets libtpu's environment for compile-only use
 
-    found = list(topologies.get_topology_desc(topology_name=TOPOLOGY, platform="tpu").devices)
+    found = tpu_devices(TOPOLOGY)
     assert len(found) == 8 and all(d.platform == "tpu" for d in found)
     return found
 
