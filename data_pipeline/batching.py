@@ -24,7 +24,9 @@ A batch is a dict of numpy arrays, in `training.step`'s layout (S = shards built
     example_ids: the ids of each row's examples (a list per row). stats and example_ids stay on the host.
 
 Resuming is exact: a shard's rows are consecutive examples of its stream, and an example that did not fit is held
-for the next batch, so each shard's state is its stream's state before the first example of its next batch."""
+for the next batch, so each shard's state is the record index of the first example of its next batch. A resumed
+stream opens its records there (pipeline.ShardRecords.open); no live iterator is ever repositioned.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -85,30 +87,30 @@ Needs = tuple[int, int, int]
 
 
 class Batches(grain.IterDataset):
-    """Batches over one example stream per batch shard built here: `parents[i]` feeds shard `shard_ids[i]` (default
-    0, 1, …). `hosts` (a hosts.HostAgreement; None on one process) merges the shards' bucket needs with the other
-    processes', raises on every process when one of them failed, and collects all shards' positions at a
-    checkpoint."""
+    """Batches over one example stream per batch shard built here: `shards[i]` (a pipeline.ShardRecords: the
+    shard's examples in order, opened at any record index) feeds shard `shard_ids[i]` (default 0, 1, …). `hosts` (a
+    hosts.HostAgreement; None on one process) merges the shards' bucket needs with the other processes', raises on
+    every process when one of them failed, and collects all shards' positions at a checkpoint."""
 
-    def __init__(self, parents, layout: BatchLayout, shard_ids=None, hosts=None):
-        parents = list(parents) if isinstance(parents, (list, tuple)) else [parents]
-        super().__init__(parents)
+    def __init__(self, shards, layout: BatchLayout, shard_ids=None, hosts=None):
+        self.shards = list(shards) if isinstance(shards, (list, tuple)) else [shards]
+        super().__init__([s.examples for s in self.shards])
         self.layout, self.hosts = layout, hosts
-        self.shard_ids = tuple(range(len(parents)) if shard_ids is None else shard_ids)
+        self.shard_ids = tuple(range(len(self.shards)) if shard_ids is None else shard_ids)
 
     def __iter__(self) -> BatchIterator:
-        return BatchIterator([p.__iter__() for p in self._parents], self.layout, self.shard_ids, self.hosts)
+        return BatchIterator(self.shards, self.layout, self.shard_ids, self.hosts)
 
 
 class BatchIterator(grain.DatasetIterator):
-    def __init__(self, parents, layout: BatchLayout, shard_ids, hosts=None):
-        super().__init__(parents)
+    def __init__(self, shards, layout: BatchLayout, shard_ids, hosts=None):
+        super().__init__()
         self.layout, self.shard_ids, self.hosts = layout, shard_ids, hosts
-        self._streams = [_ShardStream(p, layout) for p in parents]
+        self._streams = [_ShardStream(s, layout) for s in shards]
 
     def get_state(self) -> dict:
-        """{"shards": {shard id: position}}, over every process's shards when `hosts` is set (call it on all
-        processes at once, as a checkpoint does)."""
+        """{"shards": {shard id: {"position": record index}}}, over every process's shards when `hosts` is set (call
+        it on all processes at once, as a checkpoint does)."""
         local = {"shards": {str(s): stream.get_state() for s, stream in zip(self.shard_ids, self._streams)}}
         return self.hosts.states(local) if self.hosts is not None else local
 
@@ -121,6 +123,11 @@ class BatchIterator(grain.DatasetIterator):
                              f"written with another mesh; resume with the mesh it was trained with")
         for s, stream in zip(self.shard_ids, self._streams):
             stream.set_state(state["shards"][str(s)])
+
+    def close(self) -> None:
+        """Stops the worker processes, if any."""
+        for stream in self._streams:
+            stream.close()
 
     def __next__(self) -> dict:
         picks, error = [], None
@@ -186,35 +193,57 @@ class BatchIterator(grain.DatasetIterator):
         return part
 
 
+class NoUsableRecords(ValueError):
+    """A whole pass over a batch shard's records gave no example to train on."""
+
+
 class _ShardStream:
     """One batch shard's example stream: picks the examples of its next rows (first-fit when packing), holding back
-    the one that did not fit; skips (and reports once) examples that failed to load."""
+    the one that did not fit; skips (and reports once) examples that failed to load. Its state is the index of the
+    record its next batch starts with; the iterator over the records is opened there on the first pick."""
 
-    def __init__(self, parent: grain.DatasetIterator, layout: BatchLayout):
-        self._parent, self.layout = parent, layout
-        self._held = None  # (example, parent state before it) that did not fit the previous batch
+    REASONS = 3  # reasons quoted when a pass yields nothing
+
+    def __init__(self, records, layout: BatchLayout):
+        self.records, self.layout = records, layout
+        self._iterator = None  # opened at `_position` by the first pick after construction or set_state
+        self._position = 0  # index of the next record the iterator yields
+        self._held = None  # (example, its record index) that did not fit the previous batch
         self._reported: set = set()
+        self._failing: list = []  # (record id, reason) of the failures since the last usable example
 
     def get_state(self) -> dict:
-        return {"parent": self._held[1] if self._held else self._parent.get_state()}
+        return {"position": self._held[1] if self._held else self._position}
 
     def set_state(self, state: dict) -> None:
-        self._parent.set_state(state["parent"])
-        self._held = None
+        self.close()
+        self._position, self._held = record_position(state), None
+
+    def close(self) -> None:
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+    def _next(self) -> tuple[dict, int]:
+        """→ (the next example, its record index)."""
+        if self._iterator is None:
+            self._iterator = self.records.open(self._position)
+        example = next(self._iterator)
+        self._position += 1
+        return example, self._position - 1
 
     def pick(self) -> tuple[list[list[dict]], int]:
-        """→ (rows_per_shard lists of examples, examples skipped). StopIteration when the stream is exhausted."""
+        """→ (rows_per_shard lists of examples, examples skipped). StopIteration when the stream is exhausted;
+        NoUsableRecords after a whole pass of records that all failed."""
         lay = self.layout
         rows: list[list[dict]] = [[] for _ in range(lay.rows_per_shard)]
         fill, vision, skipped = [0] * lay.rows_per_shard, 0, 0
         while True:
             if self._held:
-                example, before = self._held
-                self._held = None
+                (example, position), self._held = self._held, None
             else:
-                before = self._parent.get_state()
                 try:
-                    example = next(self._parent)
+                    example, position = self._next()
                 except StopIteration:
                     if any(rows):
                         break
@@ -223,11 +252,12 @@ class _ShardStream:
                 skipped += 1
                 self._report(example)
                 continue
+            self._failing.clear()
             n, v = len(example["input_ids"]), len(example["pixels"])
             slot = next((i for i in range(lay.rows_per_shard) if (not rows[i] or lay.pack) and
                          fill[i] + n <= lay.lengths[-1]), None)
             if slot is None or vision + v > lay.shard_vision_rows[-1]:
-                self._held = (example, before)
+                self._held = (example, position)
                 break
             rows[slot].append(example)
             fill[slot] += n
@@ -238,6 +268,29 @@ class _ShardStream:
         if example["id"] not in self._reported:
             self._reported.add(example["id"])
             log.warning("skipping sample %s: %s", example["id"], example["error"])
+        self._failing.append((example["id"], example["error"]))
+        if len(self._failing) >= max(self.records.per_pass, 1):
+            reasons = "; ".join(f"{i}: {e}" for i, e in self._failing[:self.REASONS])
+            raise NoUsableRecords(
+                f"{self.records.name}: none of its {self.records.per_pass} records gave a training example in a "
+                f"whole pass (first reasons — {reasons}); fix the file or its media paths (jsonl:PATH?root=DIR) "
+                "and run again")
+
+
+def record_position(state: dict) -> int:
+    """A shard stream's state → the index of its next record. Also reads the grain iterator states that checkpoints
+    held before positions were plain indices: {"parent": {"next_index": i}} in process, and the per-worker states of
+    an mp_prefetch pipeline (worker w had read records w, w + W, …, so their counts add up to the position)."""
+    if "position" in state:
+        return int(state["position"])
+    parent = state.get("parent", state)
+    if "next_index" in parent:
+        return int(parent["next_index"])
+    workers = parent.get("iterators_in_use_states")
+    if workers is not None and all(isinstance(w, dict) and "next_index" in w for w in workers):
+        return sum(int(w["next_index"]) for w in workers)
+    raise ValueError(f"cannot read a record position from the data iterator state {str(state)[:200]}; resume "
+                     "with the code version that wrote the checkpoint, or start a new workdir")
 
 
 def _needs(rows: list[list[dict]], layout: BatchLayout) -> Needs:

@@ -2,12 +2,20 @@
 
     dataset = training_batches(source, processor, model_config, data_config, seed=0)
     iterator = iter(dataset)            # grain DatasetIterator: next(iterator) → batch dict (see batching.py)
-    iterator.get_state() / set_state()  # exact resume; orbax saves it via grain.checkpoint.CheckpointSave
+    iterator.get_state() / set_state()  # exact resume: each batch shard's position is a record index (JSON)
+
+Resuming never calls grain's `set_state` on a live pipeline. A batch shard's stream is a grain MapDataset (records
+→ slice → shuffle → repeat → ToExample), so its position is just the index of its next record: restoring slices
+the MapDataset there and only then builds the iterator (and starts its worker processes, when data.workers > 0).
+grain 0.2.18's `set_state` on a `mp_prefetch` iterator can wait forever (bench/grain_set_state_race.py), and this
+design does not depend on when or where that happens.
 
 `data_config` fields (ml_collections or any attribute object): batch_size, length_buckets, vision_buckets, pack,
 truncate, num_epochs (None = forever), shuffle, workers (0 = in process), min_pixels, max_pixels,
 video_total_pixels (optional)."""
 from __future__ import annotations
+
+import dataclasses
 
 import grain
 
@@ -63,6 +71,7 @@ def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, 
 
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app take the defaults
             flags.FLAGS.mark_as_parsed()
+    name = source_name(source)
     # grain's default read-ahead (16 threads, 500 examples) per stream would decode 500 images per shard before the
     # first batch; the streams share it instead
     read = grain.ReadOptions(num_threads=max(16 // len(shard_ids), 1),
@@ -72,10 +81,37 @@ def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, 
         ds = grain.MapDataset.source(source)
         if shards > 1:
             ds = ds[s::shards]
+        per_pass = len(ds)
         if data.shuffle:
             ds = ds.shuffle(seed=seed)
-        ds = ds.repeat(data.num_epochs).map(transform).to_iter_dataset(read)
-        if workers:
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        streams.append(ds)
+        streams.append(ShardRecords(ds.repeat(data.num_epochs).map(transform), per_pass, read, workers,
+                                    f"{name} (batch shard {s} of {shards})" if shards > 1 else name))
     return Batches(streams, layout, shard_ids, hosts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRecords:
+    """One batch shard's examples in reading order (records shuffled, repeated and mapped, lazily), opened at any
+    record index."""
+    examples: grain.MapDataset
+    per_pass: int  # records in one pass over the shard's share of the source
+    read: grain.ReadOptions
+    workers: int  # worker processes (0: decode in this process)
+    name: str  # the source, for messages
+
+    def open(self, position: int) -> grain.DatasetIterator:
+        """An iterator over the examples from record `position` on. Its worker processes (if any) start at its
+        first `next`, already positioned: nothing is ever moved by `set_state`."""
+        ds = self.examples[position:].to_iter_dataset(self.read)
+        if self.workers:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+        return iter(ds)
+
+
+def source_name(source) -> str:
+    """How messages name a source: a JSONL path, a tfds name and split, else its type."""
+    if hasattr(source, "path"):
+        return str(source.path)
+    if hasattr(source, "name_or_dir"):
+        return f"{source.name_or_dir}:{source.split}"
+    return f"the {type(source).__name__} of training records"

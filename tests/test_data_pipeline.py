@@ -177,39 +177,70 @@ def test_batches_use_bucketed_shapes(demo):
     assert all(s[0][0] == 3 for s in shapes)
 
 
-def test_worker_processes_give_the_same_batches_and_resume(demo, tmp_path):
-    """data.workers > 0 (grain mp_prefetch) decodes in other processes: same batches, same order, and its state
-    resumes mid-stream."""
+@pytest.fixture(scope="module")
+def tfds_source(tmp_path_factory):
     from data_pipeline.synthetic import write_tfds
     from data_pipeline.sources import open_source
 
+    folder = str(tmp_path_factory.mktemp("tfds"))
+    write_tfds(folder, {"train": 24, "test": 4})
+    return open_source("tfds:synthetic_vqa:train", data_dir=folder)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_worker_processes_give_the_same_batches_and_resume(demo, tfds_source, pack):
+    """data.workers > 0 (grain mp_prefetch) decodes in other processes: same batches, same order; and a resume
+    mid-stream, repeated 5 times per layout, under the conditions that stalled grain's set_state (the first pool
+    still alive, the resumed stream read from another thread), continues exactly where the uninterrupted stream
+    goes, every time."""
     model_config, processor = demo
-    write_tfds(str(tmp_path), {"train": 24, "test": 4})
-    source = open_source("tfds:synthetic_vqa:train", data_dir=str(tmp_path))
-    config = lambda workers: data_config(batch_size=2, shuffle=True, num_epochs=None, workers=workers)
-    inline = iter(training_batches(source, processor, model_config, config(0), seed=1))
-    expected = [next(inline) for _ in range(6)]
-    pooled = iter(training_batches(source, processor, model_config, config(2), seed=1))
-    for want in expected[:3]:
-        got = next(pooled)
-        assert got["example_ids"] == want["example_ids"]
-        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
-        np.testing.assert_array_equal(got["vision_pixels"], want["vision_pixels"])
-    state = pooled.get_state()
-    resumed = iter(training_batches(source, processor, model_config, config(2), seed=1))
-    # grain 0.2.18 can deadlock in set_state on an mp_prefetch pipeline (its interleave's prefetch thread and
-    # set_state race on the worker's iterator: seen here in 1 of 2 runs, waiting forever in the resumed iterator's
-    # first next()). Bound the wait so the known upstream race reports as an xfail instead of hanging the suite;
-    # a wrong resumed stream still fails.
-    got = []
-    reader = threading.Thread(target=lambda: (resumed.set_state(state),
-                                              got.extend(next(resumed)["example_ids"] for _ in range(3))),
-                              daemon=True)
-    reader.start()
-    reader.join(timeout=90)
-    if reader.is_alive():
-        pytest.xfail("grain 0.2.18 mp_prefetch set_state deadlock (upstream race): resumed iterator stalled 90 s")
-    assert got == [b["example_ids"] for b in expected[3:]]
+    config = lambda workers: data_config(batch_size=2, shuffle=True, num_epochs=None, workers=workers, pack=pack)
+    inline = iter(training_batches(tfds_source, processor, model_config, config(0), seed=1))
+    expected = [next(inline) for _ in range(8)]
+    pooled = iter(training_batches(tfds_source, processor, model_config, config(2), seed=1))
+    got = [next(pooled) for _ in range(3)]
+    for g, want in zip(got, expected):
+        assert g["example_ids"] == want["example_ids"]
+        np.testing.assert_array_equal(g["input_ids"], want["input_ids"])
+        np.testing.assert_array_equal(g["vision_pixels"], want["vision_pixels"])
+    for repetition in range(5):
+        at = 1 + repetition % 3  # batches before the checkpoint
+        state = json.loads(json.dumps(pooled.get_state() if at == 3 else states_after(at, tfds_source, demo,
+                                                                                        config(0))))
+        resumed = iter(training_batches(tfds_source, processor, model_config, config(2), seed=1))
+        out = []
+        reader = threading.Thread(target=lambda: (resumed.set_state(state),
+                                                  out.extend(next(resumed)["example_ids"] for _ in range(3))),
+                                  daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        assert not reader.is_alive(), f"repetition {repetition}: the resumed stream stalled 60 s"
+        resumed.close()
+        assert out == [b["example_ids"] for b in expected[at:at + 3]], f"repetition {repetition} (after {at})"
+    pooled.close()
+
+
+def states_after(batches, source, demo, config):
+    """The iterator state after `batches` batches of an in-process stream."""
+    model_config, processor = demo
+    it = iter(training_batches(source, processor, model_config, config, seed=1))
+    for _ in range(batches):
+        next(it)
+    return it.get_state()
+
+
+def test_old_grain_iterator_states_resume_at_their_record():
+    """Checkpoints written before positions were record indices hold grain iterator states; they still resume."""
+    from data_pipeline.batching import record_position
+
+    assert record_position({"position": 9}) == 9
+    assert record_position({"parent": {"next_index": 5}}) == 5
+    # an mp_prefetch (2 workers) state after 7 records: worker 0 read 4, worker 1 read 3
+    mp = {"next_index_in_cycle": 1, "next_index_in_datasets": 2, "iterators_in_use_indices": [0, 1],
+          "iterators_in_use_states": [{"next_index": 4}, {"next_index": 3}], "exhausted": [0, 0], "future_states": {}}
+    assert record_position({"parent": mp}) == 7
+    with pytest.raises(ValueError, match="cannot read a record position"):
+        record_position({"parent": {"something": 1}})
 
 
 def test_qwen2_5_vl_training_batches_give_the_models_own_logits(demo):
