@@ -1,10 +1,17 @@
 """Orbax checkpoints of a training run: the train state (params, optimizer state, step, RNG) and the data
 iterator's position, every N steps, on SIGTERM (preemption: every host saves the same step) and at the end. Writes
 are atomic (Orbax commits a step folder only when complete), so a run killed at any moment resumes from the last
-whole checkpoint. `directory` may be a gs:// path."""
+whole checkpoint. `directory` may be a gs:// path.
+
+A step a kill cut short (no commit marker: Orbax writes `commit_success.txt` last) or whose files do not read back
+(a truncated array file) is never resumed from: `restore_latest` logs it, moves it to DIRECTORY/set_aside/ and takes
+the newest step before it. Orbax's temporary folders of an interrupted save are deleted when the manager opens."""
 from __future__ import annotations
 
+import json
+import logging
 import signal
+import time
 
 import jax
 import numpy as np
@@ -12,16 +19,51 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+log = logging.getLogger(__name__)
+COMMIT_MARKER = "commit_success.txt"  # the file Orbax writes into a step folder once the step is whole
+# what tensorstore/Orbax say when a file is missing or cut short (anything else, e.g. a shape mismatch, is raised)
+DAMAGE_SIGNS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "Error reading", "Error opening", "Unexpected end")
+
 
 class Checkpoints:
     def __init__(self, directory: str, every: int, keep: int = 2):
         self.every = every
-        self.manager = ocp.CheckpointManager(epath.Path(directory),
-                                             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-                                             item_names=("state", "data"))
+        self.directory = epath.Path(directory)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                                 cleanup_tmp_directories=True),
+            item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def restore_latest(self, abstract_state) -> tuple[int, object, dict] | None:
+        """→ (step, state, data iterator state) of the newest step that is complete and reads back, or None when
+        there is none. Steps skipped on the way are logged with the reason and moved to DIRECTORY/set_aside/."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            if not (self.directory / str(step) / COMMIT_MARKER).exists():
+                self._set_aside(step, f"no {COMMIT_MARKER}: a kill cut its save short")
+                continue
+            try:
+                state, data = self.restore(step, abstract_state)
+            except (OSError, ValueError, json.JSONDecodeError) as e:
+                if not (isinstance(e, (OSError, json.JSONDecodeError)) or any(s in str(e) for s in DAMAGE_SIGNS)):
+                    raise
+                self._set_aside(step, f"its files do not read back ({type(e).__name__}: {str(e)[:300]})")
+                continue
+            return step, state, data
+        return None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Moves step `step` out of the manager's sight (kept for inspection, never deleted) and logs why."""
+        target = self.directory / "set_aside" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        log.warning("skipping checkpoint step %d in %s: %s; moved it to %s", step, self.directory, why, target)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"checkpoint step {step} set aside")
+        self.manager.reload()
 
     def save(self, step: int, state, data_iterator, force: bool = False) -> bool:
         """Saves when `step` is a multiple of `every` (or `force`), with the iterator's state taken now. The write is

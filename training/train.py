@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 
 import flax.linen as nn
@@ -33,7 +34,9 @@ from qwen2vl_jax.model import abstract_params, init_params
 from qwen2vl_jax.processing import Processor
 from sharding.mesh import initialize_distributed, make_mesh
 from sharding.rules import batch_shard_count, local_batch_shards, param_shardings, place_local_batch
+from training import preflight
 from training.checkpoints import Checkpoints, Preemption
+from training.interrupts import Interrupted, StopBeforeFirstStep
 from training.metrics import MetricsWriter
 from training.step import (init_state, jit_train_step, learning_rate_schedule, make_optimizer, skipped_streak,
                            state_shardings, trainable_mask)
@@ -144,17 +147,39 @@ def peak_flops() -> float | None:
     return next((f for prefix, f in PEAK_FLOPS.items() if kind.startswith(prefix)), None)
 
 
+def vision_geometry(config) -> tuple[int, int]:
+    """(patch size, spatial merge size) of the model the config trains, read without building it."""
+    if config.init_from:
+        vision = Qwen2VLConfig.from_hf(config.init_from).vision
+    else:
+        vision = dataclasses.replace(Qwen2VLConfig.preset(config.model["preset"]).vision,
+                                     **dict(config.model.get("vision", {})))
+    return vision.patch_size, vision.spatial_merge_size
+
+
 def train(config, workdir: str) -> dict:
-    """Runs (or resumes) the run `config` describes in `workdir`; → summary dict (steps, last loss, compiles...)."""
+    """Runs (or resumes) the run `config` describes in `workdir`; → summary dict (steps, last loss, compiles...).
+    Raises preflight.PreflightError (a config or workdir that cannot work) before any device work, and
+    interrupts.Interrupted when SIGINT/SIGTERM come before the first step."""
     initialize_distributed()
     workdir = os.fspath(workdir)
+    with StopBeforeFirstStep(take_sigterm=jax.process_count() == 1) as guard:
+        return _train(config, workdir, guard)
+
+
+def _train(config, workdir: str, guard: StopBeforeFirstStep) -> dict:
+    mesh = make_mesh(config.mesh, dcn=config.get("dcn_mesh") or None)
+    preflight.check_config(config, batch_shard_count(mesh), *vision_geometry(config))
+    preflight.check_workdir(workdir, jax.process_index())
+    preflight.check_resume(config, workdir)
     # before the first compile: programs an earlier run (or a preempted one) compiled are loaded, not compiled again
     cache = CompileCache(config.get("compile_cache", "").replace("{workdir}", workdir)).open()
     prepare_workdir(config, workdir)
     model_config, processor = model_and_processor(config, workdir)
-    mesh = make_mesh(config.mesh, dcn=config.get("dcn_mesh") or None)
     from data_pipeline.sources import open_source
     source = open_source(config.data.train, data_dir=data_folder(config, workdir))
+    if len(source) == 0:
+        raise preflight.PreflightError(f"data.train={config.data.train!r} holds no records")
     hosts = HostAgreement(local_batch_shards(mesh), batch_shard_count(mesh))
     dataset = training_batches(source, processor, model_config, config.data, seed=config.seed,
                                shards=hosts.shards, shard_ids=hosts.shard_ids,
@@ -171,23 +196,27 @@ def train(config, workdir: str) -> dict:
         s_shardings = state_shardings(model_config, optimizer, mesh)
         make_state = jax.jit(functools.partial(init_state, optimizer=optimizer, seed=config.seed),
                              out_shardings=s_shardings)
+        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          jax.eval_shape(make_state, shapes), s_shardings)
+        preflight.check_disk(workdir, sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract)))
         checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                   config.keep_checkpoints)
         iterator = iter(dataset)
-        first = checkpoints.latest_step() or 0
-        if first:  # resume: nothing is initialized or loaded, the checkpoint is read straight into its shardings
-            abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                              jax.eval_shape(make_state, shapes),
-                                              s_shardings)
-            state, data_state = checkpoints.restore(first, abstract)
-            iterator.set_state(data_state)
-            log.info("resumed from step %d", first)
-        else:
-            state = make_state(initial_params(config, model_config, mesh))
-        summary = run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings, iterator,
-                           checkpoints, first, model_flops_per_token(shapes), hosts)
-        checkpoints.close()
-        if summary["steps"] == config.steps:
+        try:
+            # resume: nothing is initialized or loaded, the newest whole checkpoint is read into its shardings
+            restored = checkpoints.restore_latest(abstract)
+            if restored:
+                first, state, data_state = restored
+                iterator.set_state(data_state)
+                log.info("resumed from step %d", first)
+            else:
+                first, state = 0, make_state(initial_params(config, model_config, mesh))
+            summary = run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings,
+                               iterator, checkpoints, first, model_flops_per_token(shapes), hosts, guard)
+        finally:
+            iterator.close()
+            checkpoints.close()
+        if summary["steps"] == config.steps or summary["data_ran_out"]:
             from training.export import export_params
             summary["export"] = export_params(
                 os.path.join(workdir, "export"), model_config, summary["state"].params,
@@ -205,7 +234,8 @@ def train(config, workdir: str) -> dict:
 
 
 def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings, iterator, checkpoints,
-             first: int, flops_per_token: tuple[float, float], hosts: HostAgreement) -> dict:
+             first: int, flops_per_token: tuple[float, float], hosts: HostAgreement,
+             guard: StopBeforeFirstStep | None = None) -> dict:
     steps = {}  # jitted step per batch-sharding layout
 
     def step_for(shardings):
@@ -220,14 +250,22 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
     text_flops, vision_flops = flops_per_token
     peak = peak_flops()
     writer = MetricsWriter(workdir, config.steps, first, tensorboard=config.get("tensorboard", True))
-    preemption = Preemption(first)  # every process stops at the same step
+    preemption = None  # made after the first step (every process stops at the same step); until then `guard`
     window = {"tokens": 0, "padded": 0, "vision": 0, "vision_padded": 0, "skipped": 0, "time": time.perf_counter()}
     totals = {"skipped": 0, "tokens": 0, "padded": 0, "examples": 0}  # this process's shards only
-    nonfinite_run, step, metrics, shapes = 0, first, {}, set()
+    nonfinite_run, step, metrics, shapes, ran_out = 0, first, {}, set(), False
     with CompileCounter() as compiles:
         try:
             while step < config.steps:
-                batch = next(iterator)
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    ran_out = True
+                    log.warning("the training data ran out after step %d (data.num_epochs=%s): saving and stopping",
+                                step, config.data.num_epochs)
+                    if step > first:
+                        checkpoints.save(step, state, iterator, force=True)
+                    break
                 stats = batch["stats"]
                 shapes.add(tuple(batch[k].shape if k in batch else None
                                  for k in ("input_ids", "vision_pixels", "loss_index")))
@@ -235,6 +273,10 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
                 device_batch, shardings = place(batch, mesh, hosts.shard_ids)
                 state, metrics = step_for(shardings)(state, device_batch)
                 step += 1
+                if preemption is None:
+                    preemption = Preemption(first)  # takes SIGTERM over from the guard
+                    if guard is not None:
+                        guard.disarm()
                 for key, name in (("tokens", "real_tokens"), ("padded", "padded_tokens"),
                                   ("vision", "real_vision_rows"), ("vision_padded", "padded_vision_rows"),
                                   ("skipped", "skipped")):
@@ -271,9 +313,11 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
                     break
                 checkpoints.save(step, state, iterator, force=step == config.steps)
         finally:
-            preemption.restore()
+            if preemption is not None:
+                preemption.restore()
             writer.close()
-    return {"steps": step, "loss": float(metrics["loss"]) if metrics else None, "preempted": preemption.requested,
+    return {"steps": step, "loss": float(metrics["loss"]) if metrics else None,
+            "preempted": preemption is not None and preemption.requested, "data_ran_out": ran_out,
             "step_compiles": compiles.count("step"), "batch_shapes": len(shapes), "skipped_samples": totals["skipped"],
             "padding_efficiency": totals["tokens"] / max(totals["padded"], 1), "examples_read": totals["examples"],
             "state": state}
@@ -290,13 +334,34 @@ def main(argv=None) -> None:
     def run(_):
         from absl import logging as absl_logging
 
+        from data_pipeline.batching import NoUsableRecords
+
+        started.append(True)
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds log every file they touch at INFO
         for ours in ("training", "data_pipeline"):
             logging.getLogger(ours).setLevel(logging.INFO)
-        summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
+        try:
+            summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
+        except Interrupted as e:  # everything was unwound (workers stopped, nothing committed); XLA may still
+            log.error("%s", e)  # be compiling on other threads, so leave without the interpreter's teardown
+            logging.shutdown()
+            sys.stdout.flush()
+            os._exit(128 + e.signum)
+        except (preflight.PreflightError, NoUsableRecords) as e:
+            log.error("%s", e)
+            sys.exit(2 if isinstance(e, preflight.PreflightError) else 1)
         print(json.dumps(summary, indent=2, default=float))
 
-    app.run(run, argv=argv)
+    started = []
+    argv = list(sys.argv if argv is None else argv)
+    try:
+        app.run(run, argv=argv)
+    except (AttributeError, KeyError) as e:  # ml_collections refusing a --config.FIELD while absl parses the flags
+        message = None if started else preflight.unknown_field(argv, e)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
