@@ -25,14 +25,15 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("compile_cache"))
 
 
-def start_pair(workdir, data_dir, cache_dir, tag: str, **env) -> list:
-    """Both processes of one 2-process job; → [(proc, log path)] by process id."""
+def start_pair(workdir, data_dir, cache_dir, tag: str, *extra, **env) -> list:
+    """Both processes of one 2-process job (`extra`: more command-line overrides); → [(proc, log path)] by process
+    id."""
     coordinator = f"localhost:{free_port()}"
     workdir.mkdir(parents=True, exist_ok=True)
     pair = []
     for i in range(2):
         log = str(workdir / f"{tag}.p{i}.log")
-        args = command(workdir, data_dir, *ARGS, f"--config.compile_cache={cache_dir}")
+        args = command(workdir, data_dir, *ARGS, f"--config.compile_cache={cache_dir}", *extra)
         pair.append((start(args, log, devices=1, JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",
                            JAX_PROCESS_ID=str(i), **env), log))
     return pair
@@ -105,9 +106,9 @@ def assert_losses_equal(run, reference: dict, note: str) -> None:
         assert ours[step]["data_crc"] == reference[step]["data_crc"], f"data order differs at step {step} ({note})"
 
 
-def finish_resumed(run, data_dir, cache_dir, tag: str) -> int:
+def finish_resumed(run, data_dir, cache_dir, tag: str, *extra) -> int:
     """Restarts both processes, which must resume and finish; → the step they resumed from."""
-    summaries = finish_pair(start_pair(run, data_dir, cache_dir, tag))
+    summaries = finish_pair(start_pair(run, data_dir, cache_dir, tag, *extra))
     assert [s["steps"] for s in summaries] == [STEPS, STEPS] and not any(s["preempted"] for s in summaries)
     resumed = [int(re.search(r"resumed from step (\d+)", open(run / f"{tag}.p{i}.log").read())[1]) for i in range(2)]
     assert resumed[0] == resumed[1]
@@ -123,13 +124,14 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_then_resumes_bit_exa
 
 
 def test_kill_9_of_both_processes_then_a_restart_resumes_bit_exactly(tmp_path, data_dir, cache_dir, reference):
+    """With 2 worker processes per host decoding (the reference decodes in process: the batches are the same)."""
     run = tmp_path / "run"
-    pair = start_pair(run, data_dir, cache_dir, "1-killed")
+    pair = start_pair(run, data_dir, cache_dir, "1-killed", "--config.data.workers=2")
     wait_for(lambda: 8 in saved_steps(run), pair, "checkpoint 8 was written")
     kill_pair(pair)
     assert all(p.returncode == -signal.SIGKILL for p, _ in pair), "the run ended before it could be killed"
     assert max(read_metrics(run)) < STEPS
-    resumed = finish_resumed(run, data_dir, cache_dir, "2-resumed")
+    resumed = finish_resumed(run, data_dir, cache_dir, "2-resumed", "--config.data.workers=2")
     assert 8 <= resumed < STEPS
     assert_losses_equal(run, reference, f"killed after checkpoint 8, resumed from {resumed}")
 
