@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import threading
 
 import numpy as np
 from etils import epath
@@ -143,20 +144,26 @@ class JsonlSource:
         self._offsets = np.asarray(offsets, dtype=np.int64)
         self._lines = np.asarray(lines, dtype=np.int64)
         self._file = None
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._offsets)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_file"] = None  # file handles are per process
+        state["_file"] = state["_lock"] = None  # file handles and locks are per process
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def _read_line(self, i: int) -> bytes:
-        if self._file is None:
-            self._file = epath.Path(self.path).open("rb")
-        self._file.seek(int(self._offsets[i]))
-        return self._file.readline()
+        # grain reads records from many threads; a seek and its read must not interleave with another thread's
+        with self._lock:
+            if self._file is None:
+                self._file = epath.Path(self.path).open("rb")
+            self._file.seek(int(self._offsets[i]))
+            return self._file.readline()
 
     def __getitem__(self, index) -> dict:
         i = int(index)
@@ -210,6 +217,9 @@ def _encode_array(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+_OPEN_LOCK = threading.Lock()  # one TfdsSource opens at a time in a process (see TfdsSource.__setstate__)
 
 
 class TfdsSource:
@@ -267,17 +277,30 @@ class TfdsSource:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_ds"] = None  # reopened lazily in each worker
+        state["_ds"] = None  # readers are per process
         return state
+
+    def __setstate__(self, state):
+        """Reopened as it is unpickled: in a grain worker that is its main thread, before any read thread. Opened
+        lazily from the read threads instead, their concurrent first `import tensorflow_datasets` can deadlock
+        (tfds' lazy modules use functools.cached_property, whose lock Python 3.11 holds across the import: one
+        thread holds it waiting for a module another thread is importing, which waits for it)."""
+        self.__dict__.update(state)
+        self._reopen()
+
+    def _reopen(self) -> None:
+        with _OPEN_LOCK:
+            if self._ds is None:
+                self._open()
 
     def __len__(self) -> int:
         if self._ds is None:
-            self._open()
+            self._reopen()
         return len(self._ds)
 
     def __getitem__(self, index) -> dict:
         if self._ds is None:
-            self._open()
+            self._reopen()
         i = int(index)
         raw = self._ds[i]
         rid = raw.get("id", f"{self.name_or_dir}/{self.split}:{i}")

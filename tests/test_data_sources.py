@@ -169,3 +169,26 @@ def test_jsonl_confinement_and_malformed_lines(tmp_path):
 def test_open_source_rejects_unknown_spec():
     with pytest.raises(ValueError, match="jsonl:PATH"):
         sources.open_source("data.csv")
+
+
+def test_jsonl_reads_from_many_threads_return_their_own_lines(tmp_path):
+    """grain reads records from 16 threads at once: every index gets its own line (one shared file handle once
+    gave some threads another thread's line, or half of one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with open(tmp_path / "a.jsonl", "w") as f:
+        for i in range(3000):
+            f.write(json.dumps({"id": f"r{i}", "messages": [{"role": "user", "content": "x" * (i % 300)}]}) + "\n")
+    source = pickle.loads(pickle.dumps(sources.JsonlSource(str(tmp_path / "a.jsonl"))))  # as a worker process gets it
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(lambda i: source[i]["id"], range(3000)))
+    assert ids == [f"r{i}" for i in range(3000)]
+
+
+def test_a_tfds_source_reopens_as_it_is_unpickled(tfds_dir):
+    """In a grain worker the source is unpickled in the main thread, before the read threads: it opens there, so
+    the read threads never import tensorflow_datasets concurrently (that import can deadlock)."""
+    source = sources.TfdsSource("synthetic_vqa", "train", data_dir=tfds_dir[0])
+    copy = pickle.loads(pickle.dumps(source))
+    assert copy._ds is not None and copy[0]["id"] == source[0]["id"]
+    assert pickle.loads(pickle.dumps(source)).__getstate__()["_ds"] is None
