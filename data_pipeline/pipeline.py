@@ -4,15 +4,12 @@
     iterator = iter(dataset)            # grain DatasetIterator: next(iterator) → batch dict (see batching.py)
     iterator.get_state() / set_state()  # exact resume: each batch shard's position is a record index (JSON)
 
-Resuming never calls grain's `set_state` on a live pipeline. A batch shard's stream is a grain MapDataset (records
-→ slice → shuffle → repeat → ToExample), so its position is just the index of its next record: restoring slices
-the MapDataset there and only then builds the iterator (and starts its worker processes, when data.workers > 0).
-grain 0.2.18's `set_state` on a `mp_prefetch` iterator can wait forever (bench/grain_set_state_race.py), and this
-design does not depend on when or where that happens.
-
-`data_config` fields (ml_collections or any attribute object): batch_size, length_buckets, vision_buckets, pack,
-truncate, num_epochs (None = forever), shuffle, workers (0 = in process), min_pixels, max_pixels,
-video_total_pixels (optional)."""
+Resuming never repositions a live grain pipeline. A batch shard's stream is a grain MapDataset (records → slice →
+shuffle → repeat → ToExample), so its position is just the index of its next record: restoring slices the MapDataset
+there and only then builds the iterator (and starts its worker processes, when data.workers > 0). The stall once
+blamed on grain's `set_state` was a deadlock in each fresh worker's first, multi-threaded `import
+tensorflow_datasets` (bench/grain_worker_stall.py; fixed in sources.TfdsSource).
+"""
 from __future__ import annotations
 
 import dataclasses
