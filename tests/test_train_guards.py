@@ -253,3 +253,43 @@ def test_a_checkpoint_a_kill_cut_short_is_set_aside(tmp_path, caplog):
     step, state, _ = again.restore_latest(abstract)
     assert step == 3 and float(state["x"][0]) == -3
     again.close()
+
+
+def test_a_stop_whose_raise_was_swallowed_still_ends_the_run():
+    """Code that catches every exception (JAX's compilation-cache read, a gc callback) can swallow the raise: the
+    request is remembered, so disarm() at the first step raises it."""
+    from training.interrupts import Interrupted, StopBeforeFirstStep
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopBeforeFirstStep(grace_s=60) as guard:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here and raises
+        except Exception:
+            pass  # swallowed
+        with pytest.raises(Interrupted, match="SIGTERM before the first train step"):
+            guard.disarm()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_run_that_does_not_end_after_a_stop_is_ended_by_the_watcher(tmp_path):
+    """The main thread swallows the raise and then hangs (or compiles for minutes): the watcher ends the process
+    `grace_s` after the signal with the message, exit 128 + signal."""
+    import subprocess
+    import sys
+
+    script = ("import os, signal, time, logging\n"
+              "logging.basicConfig()\n"
+              "from training.interrupts import StopBeforeFirstStep\n"
+              "with StopBeforeFirstStep(grace_s=1):\n"
+              "    try:\n"
+              "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(1)\n"
+              "    except Exception:\n"
+              "        pass\n"
+              "    time.sleep(60)\n")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr
+    assert "SIGTERM before the first train step" in out.stderr and "ended here" in out.stderr
+    assert time.monotonic() - started < 20

@@ -2,9 +2,12 @@
 
 Until the first step, a run only reads (config, tokenizer, checkpoint), prepares data and compiles: a stop there has
 no work to save. `StopBeforeFirstStep` makes both signals raise `Interrupted` in the main thread, which unwinds the
-run normally (worker processes closed, the checkpoint manager's temporary folders never committed). The main thread
-cannot take a Python signal while XLA compiles (minutes on TPU), so a watcher thread, woken through
-`signal.set_wakeup_fd`, ends the process with the same message after `grace_s` if it is still running. The data
+run normally (worker processes closed, the checkpoint manager's temporary folders never committed). The raise can
+be lost (the main thread cannot take a Python signal while XLA compiles, minutes on TPU; and code that catches every
+exception, like JAX's compilation-cache read or a gc callback, swallows it), so the request is also remembered: a
+watcher thread, woken through `signal.set_wakeup_fd`, ends the process with the same message if the run has not
+ended `grace_s` after the signal (also when unwinding itself hangs, e.g. on a wedged worker), and `disarm()` raises
+it if the first step completed regardless. The data
 set and the compilation cache are written atomically (a temporary name, then a rename), so neither is left cut.
 
 After the first step, `disarm()` hands SIGTERM to the preemption handler (checkpoints.Preemption: save, then stop)
@@ -38,6 +41,8 @@ class StopBeforeFirstStep:
         self.signals = (signal.SIGINT, signal.SIGTERM) if take_sigterm else (signal.SIGINT,)
         self.grace_s = grace_s
         self.armed = False
+        self.requested: int | None = None  # the stop signal received while armed
+        self._finished = False  # the guarded run has ended (the context exited)
         self._previous: dict = {}
         self._wakeup = None
 
@@ -55,6 +60,7 @@ class StopBeforeFirstStep:
     def _handle(self, signum, frame) -> None:
         if self.armed:
             self.armed = False  # one raise; a second signal while unwinding takes the default path below
+            self.requested = signum
             raise Interrupted(signum)
         self._default(signum)
 
@@ -69,8 +75,9 @@ class StopBeforeFirstStep:
             os.kill(os.getpid(), signum)
 
     def _watch(self, reader: socket.socket) -> None:
-        """Woken by any signal the process gets; if a stop signal came while armed and the main thread has not
-        ended the run within grace_s (it is inside a compile), ends the process."""
+        """Woken by any signal the process gets; if a stop signal came while armed and the run has not ended
+        within grace_s (the main thread is inside a compile, swallowed the raise, or hangs unwinding), ends the
+        process."""
         while True:
             try:
                 data = reader.recv(64)
@@ -78,12 +85,11 @@ class StopBeforeFirstStep:
                 return
             if not data:
                 return
-            if self.armed and any(b in self.signals for b in data):
+            if (self.armed or self.requested) and any(b in self.signals for b in data):
                 signum = next(b for b in data if b in self.signals)
                 threading.Event().wait(self.grace_s)
-                if self.armed:  # still armed: the Python handler never ran, the main thread is stuck in C++
-                    log.error("%s (the main thread was busy compiling; ended after %.0f s)", Interrupted(signum),
-                              self.grace_s)
+                if not self._finished:
+                    log.error("%s (the run had not ended %.0f s later; ended here)", Interrupted(signum), self.grace_s)
                     logging.shutdown()
                     os._exit(128 + signum)
 
@@ -96,10 +102,13 @@ class StopBeforeFirstStep:
         for s in self.signals:
             if signal.getsignal(s) == self._handle:
                 signal.signal(s, self._previous[s])
+        if self.requested:  # the raise was swallowed on the way to the first step
+            raise Interrupted(self.requested)
 
     def __exit__(self, *exc) -> None:
         if not self._wakeup:
             return
+        self._finished = True
         self.armed = False
         for s, previous in self._previous.items():
             if signal.getsignal(s) == self._handle:
