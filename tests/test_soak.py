@@ -8,6 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import soak  # noqa: E402
+import soak_eval  # noqa: E402
 
 
 def failed_runs(result: dict) -> str:
@@ -47,7 +48,7 @@ def test_train_killed_5_times_ends_bit_identical_to_an_uninterrupted_run(tmp_pat
 
 
 def test_eval_killed_3_times_writes_the_uninterrupted_file(tmp_path):
-    result = soak.eval_soak(str(tmp_path), kills=3, seed=0, samples=80)
+    result = soak_eval.eval_soak(str(tmp_path), kills=3, seed=0, samples=80)
     assert "runs" in result, f"an uninterrupted run failed: {result}"
     assert result["references_agree"]
     assert not result["failures"], failed_runs(result)

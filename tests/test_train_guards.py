@@ -278,18 +278,29 @@ def test_a_run_that_does_not_end_after_a_stop_is_ended_by_the_watcher(tmp_path):
     import subprocess
     import sys
 
-    script = ("import os, signal, time, logging\n"
+    script = ("import os, signal, time, logging, multiprocessing\n"
               "logging.basicConfig()\n"
               "from training.interrupts import StopBeforeFirstStep\n"
-              "with StopBeforeFirstStep(grace_s=1):\n"
+              "if __name__ == '__main__':\n"
+              "  worker = multiprocessing.get_context('spawn').Process(target=time.sleep, args=(60,))\n"
+              "  worker.start(); print(worker.pid, flush=True)\n"
+              "  with StopBeforeFirstStep(grace_s=1):\n"
               "    try:\n"
               "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(1)\n"
               "    except Exception:\n"
               "        pass\n"
               "    time.sleep(60)\n")
+    path = tmp_path / "run.py"
+    path.write_text(script)
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)),
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, str(path)], cwd=root, env=os.environ | {"PYTHONPATH": root},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 128 + signal.SIGTERM, out.stderr
     assert "SIGTERM before the first train step" in out.stderr and "ended here" in out.stderr
     assert time.monotonic() - started < 20
+    worker = int(out.stdout.split()[0])  # its worker process went with it
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{worker}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{worker}"), "the worker process outlived the run"

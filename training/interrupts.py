@@ -16,6 +16,7 @@ and SIGINT back to Python's KeyboardInterrupt. On several processes SIGTERM stay
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -91,6 +92,8 @@ class StopBeforeFirstStep:
                 if not self._finished:
                     log.error("%s (the run had not ended %.0f s later; ended here)", Interrupted(signum), self.grace_s)
                     logging.shutdown()
+                    for child in multiprocessing.active_children():  # grain's workers would outlive us
+                        child.kill()
                     os._exit(128 + signum)
 
     def disarm(self) -> None:
