@@ -48,8 +48,8 @@ def finish(proc, log, timeout=TIMEOUT_S):
 
 
 def summary_of(log) -> dict:
-    text = open(log).read()
-    return json.loads(text[text.rindex("\n{") + 1:])
+    text = open(log).read()  # the summary is the last JSON object printed; warnings may follow it at exit
+    return json.JSONDecoder().raw_decode(text[text.rindex("\n{") + 1:])[0]
 
 
 @pytest.fixture(scope="module")
