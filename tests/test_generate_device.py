@@ -39,7 +39,7 @@ def test_twenty_random_requests_compile_at_most_ten_programs_in_the_process():
             assert qwen2vl_jax.generate(cfg, params, request, max_new_tokens=4, eos_token_ids=[]).shape == (1, 4)
             after.append(compiles.count())
     print(f"\ncompiles after each request {after}: {dict(compiles.names)}")
-    assert after[-1] <= 4 + 4 + 2 and after[9] == after[-1], dict(compiles.names)
+    assert after[-1] <= 10 and after[9] == after[-1], dict(compiles.names)  # ×2 ladders: 6 prefill + 2 decode
     assert set(compiles.names) == {"prefill", "decode"}, dict(compiles.names)
 
 
