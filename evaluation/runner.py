@@ -169,6 +169,9 @@ def prepare(processor, sample: dict, task: Task | str) -> tuple[dict | None, str
         batch = processor([messages], images=images or None, videos=videos or None)
     except (ValueError, OSError, TypeError) as e:
         return None, prompt, f"{type(e).__name__}: {e}"
+    if "image_grid_thw" in batch:  # [height, width] of each image as the processor resized it (grounding reads it)
+        patch = processor.image_options.patch_size
+        sample["resized_sizes"] = [[int(h) * patch, int(w) * patch] for _, h, w in batch["image_grid_thw"]]
     return batch, prompt, None
 
 
@@ -203,6 +206,7 @@ def evaluate_tasks(checkpoint: str, jobs: list[tuple[str, str, str]], *, batch_s
     initialize_distributed()
     processor = Processor.from_pretrained(checkpoint)
     model = open_model(checkpoint, mesh, dtype)
+    tasks = [task.for_model(model.config.model_type) for task in tasks]
     summaries = [run_task(model, processor, task, data, out, batch_size=batch_size, data_dir=data_dir,
                           max_new_tokens=max_new_tokens or task.max_new_tokens, limit=limit, chunk=chunk,
                           lenient=scoring == "lenient")

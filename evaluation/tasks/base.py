@@ -51,6 +51,11 @@ class Task:
         sample["videos"] = [m for c in self.video_columns if row.get(c) is not None for m in media_values(row[c], root)]
         return sample
 
+    def for_model(self, model_type: str) -> "Task":
+        """This task as asked of a checkpoint of `model_type` ("qwen2_vl" | "qwen2_5_vl"): itself, unless the
+        family changes the prompt or how answers are read (grounding)."""
+        return self
+
     def messages(self, sample: Mapping[str, Any]) -> list[dict]:
         raise NotImplementedError
 
