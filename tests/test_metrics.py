@@ -65,10 +65,12 @@ def test_vqa_accuracy_normalizes_both_sides():
     answers = ["2"] * 3 + ["three"] * 7
     assert vqa_accuracy("Two.", answers, lenient=True) == pytest.approx(0.9)
     assert vqa_accuracy("3", answers, lenient=True) == pytest.approx(1.0)
-    # official: references only get processPunctuation, so "three" stays a word
+    # official (a013f00): the differing references are normalized too, so "three" becomes "3"
     assert vqa_accuracy("Two.", answers) == pytest.approx(0.9)
-    assert vqa_accuracy("3", answers) == 0.0
-    assert vqa_accuracy("three", answers) == 0.0  # the prediction becomes "3"
+    assert vqa_accuracy("3", answers) == pytest.approx(1.0) == vqa_accuracy("three", answers)
+    # 2016: references only got processPunctuation, so "three" stayed a word
+    assert vqa_accuracy("3", answers, rule="official-2016") == 0.0
+    assert vqa_accuracy("three", answers, rule="official-2016") == 0.0  # the prediction becomes "3"
 
 
 def test_vqa_accuracy_single_and_few_answers():

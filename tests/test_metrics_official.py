@@ -64,7 +64,27 @@ def ref_process_digit_article(in_text):
 
 
 def ref_vqa(prediction, answers):
-    """vqaEval.evaluate for one question; answers are dicts with ids as in the annotation files."""
+    """vqaEval.evaluate for one question at GT-Vision-Lab/VQA a013f00 (2021-03-11, the current script; its logic
+    re-derived here): answers are dicts with ids as in the annotation files; both sides stripped; normalized on both
+    sides only when the stripped references are not all the same."""
+    gts = [{"answer": a.replace("\n", " ").replace("\t", " ").strip(), "answer_id": i + 1}
+           for i, a in enumerate(answers)]
+    res_ans = prediction.replace("\n", " ").replace("\t", " ").strip()
+    if len(set(ans["answer"] for ans in gts)) > 1:
+        for ans_dic in gts:
+            ans_dic["answer"] = ref_process_digit_article(ref_process_punctuation(ans_dic["answer"]))
+        res_ans = ref_process_digit_article(ref_process_punctuation(res_ans))
+    gt_acc = []
+    for gt_ans_datum in gts:
+        other = [item for item in gts if item != gt_ans_datum]
+        matching = [item for item in other if item["answer"] == res_ans]
+        gt_acc.append(min(1, float(len(matching)) / 3))
+    return float(sum(gt_acc)) / len(gt_acc)
+
+
+def ref_vqa_2016(prediction, answers):
+    """vqaEval.evaluate for one question before a013f00 (the prediction always normalized, the references through
+    processPunctuation only)."""
     gts = [{"answer": a, "answer_id": i + 1} for i, a in enumerate(answers)]
     res_ans = prediction.replace("\n", " ").replace("\t", " ").strip()
     res_ans = ref_process_digit_article(ref_process_punctuation(res_ans))
@@ -327,9 +347,17 @@ def test_ocrbench_lenient_fullwidth():
 
 
 def test_vqa_official_quirks():
-    # identical references are not processed at all
+    # identical references: neither side is processed, today and in 2016 (where the prediction still was)
     assert vqa_accuracy("yes", ["Yes"] * 10) == 0.0 == ref_vqa("yes", ["Yes"] * 10)
+    assert vqa_accuracy("Yes.", ["Yes"] * 10) == 0.0 == ref_vqa("Yes.", ["Yes"] * 10)
+    assert vqa_accuracy(" Yes\n", ["Yes"] * 10) == 1.0 == ref_vqa(" Yes\n", ["Yes"] * 10)  # stripped, not normalized
     assert vqa_accuracy("yes", ["Yes"] * 10, lenient=True) == 1.0
+    # the fix of a013f00: references normalized like the prediction (2016: 0.6, today 1.0)
+    answers = ["yes", "Yes", "YES", "yes!", "yes", "Yes", "YES", "Yes", "yes ,", "Yes."]  # 2016: 2 match as written
+    assert vqa_accuracy("yes", answers) == 1.0 == ref_vqa("yes", answers)
+    assert vqa_accuracy("yes", answers, rule="official-2016") == pytest.approx(0.6) == ref_vqa_2016("yes", answers)
+    with pytest.raises(ValueError, match="official-2016"):
+        vqa_accuracy("yes", answers, rule="2017")
     # more than 32 periods: only 32 removed
     text = "." * 40 + "x"
     assert normalize_vqa_answer(text) == "." * 8 + "x"
@@ -374,6 +402,37 @@ def test_random_vqa():
         answers = [rng.choice(pool) for _ in range(rng.choice([2, 3, 5, 10]))]
         pred = rng.choice(pool + [_rand_text(rng, alphabet, 6)])
         assert vqa_accuracy(pred, answers) == pytest.approx(ref_vqa(pred, answers)), (pred, answers)
+        assert vqa_accuracy(pred, answers, rule="official-2016") == pytest.approx(ref_vqa_2016(pred, answers))
+
+
+# the kinds of answers the 2021 fix is about, each written several ways
+_VQA_FORMS = {
+    "yes": ["yes", "Yes", "YES", "yes.", "yes!", " yes", "yes,"],
+    "2": ["2", "two", "Two", "TWO.", "2.", "two!"],
+    "the dog": ["the dog", "The dog", "a dog", "dog", "Dog.", "the Dog"],
+    "1,000": ["1,000", "1000", "1,000.", "one thousand", "1, 000"],
+    "t-shirt": ["t-shirt", "T-shirt", "t shirt", "tshirt", "T-Shirt!"],
+    "3.5": ["3.5", "3.5.", "3 .5", "three and a half"],
+    "dont know": ["dont know", "don't know", "Dont know", "do not know"],
+    "u.s.": ["u.s.", "U.S.", "us", "u.s", "USA"],
+    "left": ["left", "Left", "on left", "left side", "(left)", "left;"],
+}
+
+
+def test_generated_vqa_cases_match_the_current_official_script():
+    """Mixed case, trailing punctuation, number words, articles, unanimous answers, digit-comma-digit, hyphens,
+    contractions, periods: 4,000 seeded questions of 3 or 10 annotators."""
+    rng = random.Random(2021)
+    differ_from_2016 = 0
+    for _ in range(4000):
+        forms = _VQA_FORMS[rng.choice(sorted(_VQA_FORMS))]
+        n = rng.choice([3, 10, 10])
+        answers = [rng.choice(forms)] * n if rng.random() < 0.2 else [rng.choice(forms) for _ in range(n)]
+        pred = rng.choice(forms + rng.choice(list(_VQA_FORMS.values())))
+        ours, official = vqa_accuracy(pred, answers), ref_vqa(pred, answers)
+        assert ours == pytest.approx(official), (pred, answers)
+        differ_from_2016 += abs(ref_vqa_2016(pred, answers) - official) > 1e-9
+    assert differ_from_2016 > 400  # the cases are ones where the two rules disagree
 
 
 def test_random_anls():

@@ -5,7 +5,7 @@ default; ``lenient=True`` selects this project's earlier, more forgiving rules.
 Each function's docstring states its rule and every deviation from the
 reference:
 
-  * :func:`vqa_accuracy` -- the official VQA ``vqaEval.py``;
+  * :func:`vqa_accuracy` -- the official VQA ``vqaEval.py`` (a013f00; the 2016 rule by name);
   * :func:`anls` -- the DocVQA leaderboard script (as lmms-eval's ``anls``);
   * :func:`relaxed_accuracy` -- pix2struct's ``relaxed_correctness`` (ChartQA);
   * :func:`parse_box` / :func:`refcoco_accuracy` -- Qwen-VL's
@@ -32,10 +32,10 @@ from evaluation.metrics.choice import (
 )
 from evaluation.metrics.grounding import Box, box_iou, parse_box, refcoco_accuracy
 from evaluation.metrics.text import anls, exact_match, ocrbench_match, relaxed_accuracy
-from evaluation.metrics.vqa import normalize_vqa_answer, vqa_accuracy
+from evaluation.metrics.vqa import VQA_RULES, normalize_vqa_answer, vqa_accuracy
 
 __all__ = [
-    "METRICS", "Box", "Scorer", "anls", "box_iou", "exact_match", "extract_number_answer",
+    "METRICS", "VQA_RULES", "Box", "Scorer", "anls", "box_iou", "exact_match", "extract_number_answer",
     "mathvista_accuracy", "multiple_choice_accuracy", "normalize_vqa_answer", "ocrbench_match",
     "parse_box", "parse_multiple_choice", "refcoco_accuracy", "relaxed_accuracy", "vqa_accuracy",
 ]

@@ -1,69 +1,20 @@
-"""RefCOCO grounding: Qwen-VL box parsing, IoU, accuracy at IoU >= 0.5."""
+"""RefCOCO grounding: box parsing (Qwen-VL's rule; Qwen2.5-VL's JSON in resized pixels), IoU, accuracy at IoU >= 0.5."""
 
 from __future__ import annotations
 
-import math
-import re
 from typing import Sequence
 
-Box = tuple[float, float, float, float]
-
-# Qwen-VL eval_mm/evaluate_grounding.py: the first "(...),(...)" in the answer.
-_QWEN_VL_BOX = re.compile(r"\((.*?)\),\((.*?)\)")
-# Lenient: non-negative plain decimals, spaces allowed anywhere.
-_NUM = r"\s*(\d+(?:\.\d+)?)\s*"
-_LENIENT_BOX = re.compile(rf"\({_NUM},{_NUM}\)\s*,\s*\({_NUM},{_NUM}\)")
-
-
-def _two_floats(text: str) -> tuple[float, float] | None:
-    """``x, y = [float(t) for t in text.split(",")]`` as the Qwen-VL script does; None where it raises."""
-    parts = text.split(",")
-    if len(parts) != 2:
-        return None
-    try:
-        return float(parts[0]), float(parts[1])
-    except ValueError:
-        return None
+from qwen2vl_jax.processing.grounding import Box, read_box, read_qwen2_vl_box
 
 
 def parse_box(text: str, width: float, height: float, *, lenient: bool = False) -> Box | None:
     """Parse the first Qwen2-VL box ``(x1,y1),(x2,y2)`` in ``text`` and return it in pixels.
 
-    Default (Qwen-VL's ``evaluate_grounding.py`` rule): the first match of
-    ``\\((.*?)\\),\\((.*?)\\)`` (no spaces around the middle comma); each group
-    must split on "," into exactly two strings that Python ``float()`` accepts
-    (so negative, ``100.``, ``1e2``, `` 12 `` are fine). Grid coordinates,
-    nominally in [0, 1000), map to pixels as ``x / 999 * width`` and
-    ``y / 999 * height`` as in that script. Corners are kept as given: an
-    inverted box has no intersection, hence IoU 0, as with torchvision's
-    ``box_iou`` there. Returns None where the script falls back to the box
-    (0, 0, 0, 0); deviation: None also for nan/inf coordinates (the script's
-    IoU is then nan or 0, never >= 0.5, so scores agree).
-
-    ``lenient=True`` (the earlier rule): non-negative decimals only, spaces
-    allowed around every number and comma, ``<|box_start|>`` tokens ignored,
-    scaled by ``/ 1000``, corners reordered so x1 <= x2 and y1 <= y2.
+    Default: Qwen-VL's ``evaluate_grounding.py`` rule (grid / 999 × size); ``lenient=True``: the earlier rule
+    (spaces allowed, / 1000, corners reordered). The rule itself lives in the model package so training and
+    evaluation share it: see :func:`qwen2vl_jax.processing.grounding.read_qwen2_vl_box`.
     """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size must be positive, got {width}x{height}")
-    if lenient:
-        match = _LENIENT_BOX.search(text)
-        if match is None:
-            return None
-        x1, y1, x2, y2 = (float(v) for v in match.groups())
-        sx, sy = width / 1000.0, height / 1000.0
-        return (min(x1, x2) * sx, min(y1, y2) * sy, max(x1, x2) * sx, max(y1, y2) * sy)
-    match = _QWEN_VL_BOX.search(text)
-    if match is None:
-        return None
-    first, second = _two_floats(match.group(1)), _two_floats(match.group(2))
-    if first is None or second is None:
-        return None
-    coords = (*first, *second)
-    if not all(math.isfinite(c) for c in coords):
-        return None
-    x1, y1, x2, y2 = coords
-    return (x1 / 999.0 * width, y1 / 999.0 * height, x2 / 999.0 * width, y2 / 999.0 * height)
+    return read_qwen2_vl_box(text, width, height, lenient=lenient)
 
 
 def _area(box: Sequence[float]) -> float:
@@ -89,6 +40,22 @@ def refcoco_accuracy(prediction_text: str, gt_box: Sequence[float], width: float
     of the 0.5 threshold.
     """
     box = parse_box(prediction_text, width, height, lenient=lenient)
+    if box is None:
+        return 0.0
+    return float(box_iou(box, gt_box) >= 0.5)
+
+
+def grounding_accuracy(prediction_text: str, gt_box: Sequence[float], model_type: str, image_hw: Sequence[float],
+                       resized_hw: Sequence[int] | None = None, *, lenient: bool = False) -> float:
+    """1.0 if the box a `model_type` checkpoint answered has IoU >= 0.5 with ``gt_box`` (original pixels).
+
+    ``image_hw``: the original image's (height, width); ``resized_hw``: its (height, width) as the processor
+    resized it (Qwen2.5-VL answers in those pixels; unused for Qwen2-VL, whose score is exactly
+    :func:`refcoco_accuracy`). See :func:`qwen2vl_jax.processing.grounding.read_box`.
+    """
+    if model_type == "qwen2_vl":
+        return refcoco_accuracy(prediction_text, gt_box, image_hw[1], image_hw[0], lenient=lenient)
+    box = read_box(prediction_text, model_type, image_hw, resized_hw, lenient=lenient)
     if box is None:
         return 0.0
     return float(box_iou(box, gt_box) >= 0.5)

@@ -1,11 +1,19 @@
 """VQA v2 accuracy and answer normalization, after the official ``vqaEval.py``.
 
-Official rule (``VQAEval.evaluate``): the prediction has newlines/tabs turned into
-spaces, is stripped, then goes through ``processPunctuation`` and
-``processDigitArticle``. The reference answers go through ``processPunctuation``
-only, and only when they are not all identical. For each of the n reference
-answers the accuracy is ``min(1, #other answers equal to the prediction / 3)``;
-the question's score is the mean of those n values.
+Official rule, GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``
+at a013f00 (2021-03-11, "Fixed processing answers bug", the current version):
+``VQAEval.evaluate`` turns newlines/tabs into spaces and strips the prediction and
+every reference answer; then, only when the reference answers are not all the same
+string, it puts the prediction AND every reference through ``processPunctuation``
+and ``processDigitArticle`` (when they are all the same, neither side is
+normalized). For each of the n reference answers the accuracy is
+``min(1, #other answers equal to the prediction / 3)``; the question's score is the
+mean of those n values.
+
+``VQA_RULES`` names the rules :func:`vqa_accuracy` offers: "official" (the above),
+"official-2016" (the script before a013f00: the prediction always normalized, the
+references through ``processPunctuation`` only and only when not all the same) and
+"lenient" (this project's earlier rule: both sides always fully normalized).
 """
 
 from __future__ import annotations
@@ -123,34 +131,53 @@ def normalize_vqa_answer(text: str, *, lenient: bool = False) -> str:
     return _process_digits_articles(_process_punctuation(text, count))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str], *, lenient: bool = False) -> float:
-    """VQA accuracy of one prediction against its n reference answers.
+VQA_RULES = ("official", "official-2016", "lenient")
 
-    Default (official ``vqaEval.py``): the prediction is normalized by
-    :func:`normalize_vqa_answer`; the references go through the official
-    ``processPunctuation`` only (no lowercasing, number words or articles), and
-    only when they are not all identical. Score = mean over the n references of
-    ``min(1, matches among the other n-1 references / 3)``, so with 10
-    annotators k matches give 0.3k capped at 1.
 
-    Deviation: with a single reference answer the official formula scores every
-    prediction 0 (no "other" answers); here n == 1 scores 1.0 when prediction
-    and answer are equal after :func:`normalize_vqa_answer` on both, else 0.0.
+def _whitespace(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
-    ``lenient=True`` (the earlier rule): both sides fully normalized by
-    :func:`normalize_vqa_answer` (all periods removed), same leave-one-out mean;
-    n == 1 as above.
+
+def vqa_accuracy(prediction: str, answers: Sequence[str], *, lenient: bool = False, rule: str | None = None) -> float:
+    """VQA accuracy of one prediction against its n reference answers, by `rule` (one of ``VQA_RULES``; default
+    "official", or "lenient" when ``lenient=True``).
+
+    "official" (``vqaEval.py`` at a013f00): newlines/tabs → spaces and strip on both sides; when the references are
+    not all the same string, both sides go through :func:`normalize_vqa_answer` (punctuation, at most 32 periods
+    removed, lowercase, number words → digits, articles dropped, contractions), else neither does. Score = mean over
+    the n references of ``min(1, matches among the other n-1 references / 3)``, so with 10 annotators k matches
+    give 0.3k capped at 1. E.g. "yes" against ["yes", "Yes", "YES", "yes.", ...] scores 1.0, and against ten
+    "Yes" 0.0 (unanimous: compared as written).
+
+    "official-2016" (before a013f00): the prediction always normalized; the references not stripped, and put
+    through ``processPunctuation`` only (no lowercasing, number words or articles) and only when not all identical.
+
+    "lenient" (this project's earlier rule): both sides always fully normalized (all periods removed).
+
+    Deviation, every rule: with a single reference answer the official formula scores every prediction 0 (no "other"
+    answers); here n == 1 scores 1.0 when prediction and answer are equal after :func:`normalize_vqa_answer` on
+    both, else 0.0.
     """
+    rule = rule or ("lenient" if lenient else "official")
+    if rule not in VQA_RULES:
+        raise ValueError(f"VQA rule {rule!r}: choose one of {', '.join(VQA_RULES)}")
     answers = require_answers(answers)
-    pred = normalize_vqa_answer(prediction, lenient=lenient)
     if len(answers) == 1:
-        return float(normalize_vqa_answer(answers[0], lenient=lenient) == pred)
-    if lenient:
-        refs = [normalize_vqa_answer(a, lenient=True) for a in answers]
-    elif len(set(answers)) > 1:
-        refs = [_process_punctuation(a, _OFFICIAL_PERIOD_COUNT) for a in answers]
+        full = rule == "lenient"
+        return float(normalize_vqa_answer(answers[0], lenient=full) == normalize_vqa_answer(prediction, lenient=full))
+    if rule == "official":
+        refs = [_whitespace(a) for a in answers]
+        pred = _whitespace(prediction)
+        if len(set(refs)) > 1:  # the script tests the stripped answers
+            refs = [normalize_vqa_answer(a) for a in refs]
+            pred = normalize_vqa_answer(pred)
+    elif rule == "official-2016":
+        pred = normalize_vqa_answer(prediction)
+        differ = len(set(answers)) > 1
+        refs = [_process_punctuation(a, _OFFICIAL_PERIOD_COUNT) for a in answers] if differ else list(answers)
     else:
-        refs = list(answers)
+        pred = normalize_vqa_answer(prediction, lenient=True)
+        refs = [normalize_vqa_answer(a, lenient=True) for a in answers]
     matches = sum(ref == pred for ref in refs)
     total = 0.0
     for ref in refs:
