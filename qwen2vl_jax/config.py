@@ -154,6 +154,11 @@ class Qwen2VLConfig:
     def replace(self, **changes: Any) -> "Qwen2VLConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def model_type(self) -> str:
+        """The checkpoint family, "qwen2_vl" | "qwen2_5_vl" (config.json's model_type; held by `vision`)."""
+        return self.vision.model_type
+
     @staticmethod
     def preset(name: str) -> "Qwen2VLConfig":
         try:
