@@ -61,7 +61,7 @@ def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, 
     transform = ToExample(processor, max_length=max(data.length_buckets),
                           max_vision_rows=max(layout.shard_vision_rows), truncate=data.truncate,
                           tokens_per_second=model_config.vision.tokens_per_second if model_config.vision.windowed
-                          else None)
+                          else None, model_type=model_config.model_type)
     workers = max(data.workers // len(shard_ids), 1) if data.workers else 0
     if workers:
         from absl import flags

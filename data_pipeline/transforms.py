@@ -9,6 +9,11 @@ sample's own M-RoPE positions. An example:
     input_ids int32[L]; labels int32[L] (IGNORE where no loss); position_ids int32[3, L] (restart at 0 per sample);
     pixels float32[N, 1176] (images then videos); image_grid_thw int64[n, 3]; video_grid_thw int64[m, 3]; id str
 
+An assistant content item `{"type": "box", "box": [x1, y1, x2, y2], "label"?: str}` (pixels of the record's first
+image, upright as load_image gives it) is written as the answer text of the family trained (`model_type`): Qwen2-VL's
+grid box tokens or Qwen2.5-VL's JSON in resized pixels (qwen2vl_jax.processing.grounding.box_text), so grounding data
+written once serves either.
+
 A record that cannot become an example (missing or corrupt file, placeholder mismatch, nothing left to learn after
 truncation, too many vision patches) becomes `{"error": reason, "id": ...}`: the batcher counts and skips it."""
 from __future__ import annotations
@@ -19,6 +24,7 @@ import grain
 import numpy as np
 
 from qwen2vl_jax.processing import Processor
+from qwen2vl_jax.processing.grounding import check_model_type, render_box_items
 from qwen2vl_jax.processing.image import preprocess_image
 from qwen2vl_jax.processing.loading import load_image
 from qwen2vl_jax.rope import get_rope_index
@@ -29,9 +35,11 @@ class ToExample(grain.transforms.Map):
     """record → example dict (see the module docstring) or {"error": ..., "id": ...}."""
 
     def __init__(self, processor: Processor, max_length: int, max_vision_rows: int, truncate: bool = True,
-                 tokens_per_second: float | None = None):
-        """tokens_per_second: the model's (Qwen2.5-VL: video time positions in seconds); None for Qwen2-VL."""
+                 tokens_per_second: float | None = None, model_type: str = "qwen2_vl"):
+        """tokens_per_second: the model's (Qwen2.5-VL: video time positions in seconds); None for Qwen2-VL.
+        model_type: the family trained ("qwen2_vl" | "qwen2_5_vl"), which writes box items its own way."""
         self.processor = processor
+        self.model_type = check_model_type(model_type)
         self.tokens_per_second = tokens_per_second
         self.max_length = max_length
         self.max_vision_rows = max_vision_rows
@@ -52,11 +60,11 @@ class ToExample(grain.transforms.Map):
             return {"error": f"{type(e).__name__}: {e}", "id": rid}
 
     def _example(self, record: dict) -> dict:
-        images = [with_name(r, lambda r: preprocess_image(load_image(r),
-                                                       **self.processor.image_options.kwargs()))
-                  for r in record.get("images", [])]
+        sized = [with_name(r, self._image) for r in record.get("images", [])]  # ((height, width), (pixels, grid))
+        images = [image for _, image in sized]
         videos = [with_name(r, self.processor.preprocess_video) for r in record.get("videos", [])]
-        ids, labels = self._tokens(record["messages"], [g for _, g in images], [v[1] for v in videos])
+        ids, labels = self._tokens(self._boxes_as_text(record["messages"], sized), [g for _, g in images],
+                                   [v[1] for v in videos])
         ids, labels, n_images, n_videos = self._truncate(ids, labels)
         images, videos = images[:n_images], videos[:n_videos]
         if not (labels != IGNORE).any():
@@ -79,6 +87,21 @@ class ToExample(grain.transforms.Map):
         return dict(input_ids=ids, labels=labels, position_ids=positions[:, 0].astype(np.int32),
                     pixels=np.concatenate(pixels) if pixels else np.zeros((0, patch_dim), np.float32),
                     image_grid_thw=image_grid, video_grid_thw=video_grid)
+
+    def _image(self, ref) -> tuple[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+        """→ ((height, width) as stored, preprocess_image's (pixels, grid_thw)) of an image reference."""
+        image = load_image(ref)
+        return (image.height, image.width), preprocess_image(image, **self.processor.image_options.kwargs())
+
+    def _boxes_as_text(self, messages, sized: list) -> list:
+        """`messages` with their box items written as this family's answer text, in the first image's pixels."""
+        if not isinstance(messages, list):
+            return messages  # _tokens says what is wrong
+        if not sized:
+            return render_box_items(messages, self.model_type, None, None)
+        image_hw, (_, grid) = sized[0]
+        patch = self.processor.image_options.patch_size
+        return render_box_items(messages, self.model_type, image_hw, (int(grid[1]) * patch, int(grid[2]) * patch))
 
     def _tokens(self, messages: list, image_grids: list, video_grids: list) -> tuple[np.ndarray, np.ndarray]:
         """The processor's chat template rendered whole (add_generation_prompt=False) and tokenized once, vision pads
