@@ -26,7 +26,12 @@ order (so an interrupted run, rerun with the same --out, ends with the file an u
 OUT's summary (`preds.summary.json`).
 
 Output line: {"index", "id", "prompt", "prediction", "answers", "score", "error"}; a sample that cannot run (missing
-or corrupt image, empty question, too long) gets its error, score null, and the run goes on."""
+or corrupt image, empty question, too long) gets its error, score null, and the run goes on.
+
+What decides the number (evaluation/settings.py: checkpoint path + fingerprint, task definition, pixel and video
+limits, generation settings, dtype, scoring rule, ladders, project version + commit) is written to OUT.settings.json
+before the first prediction and into the summary with the sizes the images and videos actually got ("media_used").
+A rerun with the same --out resumes only under the same settings: any difference is refused, naming the fields."""
 from __future__ import annotations
 
 import argparse
@@ -48,8 +53,10 @@ from data_pipeline.sources import question_text
 from qwen2vl_jax.processing.loading import is_remote
 from evaluation.data import open_eval_source
 from evaluation.serving import DEFAULT_MESH, add_model_flags, open_model
+from evaluation.settings import check_resume, run_settings, settings_path
 from evaluation.summary import markdown, print_table, write_tables
 from evaluation.tasks import TASKS, Task, complete_turns, get_task
+from qwen2vl_jax.buckets import Ladders
 
 
 def summary_path(out: str) -> str:
@@ -207,27 +214,66 @@ def evaluate_tasks(checkpoint: str, jobs: list[tuple[str, str, str]], *, batch_s
     processor = Processor.from_pretrained(checkpoint)
     model = open_model(checkpoint, mesh, dtype)
     tasks = [task.for_model(model.config.model_type) for task in tasks]
-    summaries = [run_task(model, processor, task, data, out, batch_size=batch_size, data_dir=data_dir,
-                          max_new_tokens=max_new_tokens or task.max_new_tokens, limit=limit, chunk=chunk,
-                          lenient=scoring == "lenient")
-                 for task, (_, data, out) in zip(tasks, jobs)]
+    param_dtype = str(jax.tree.leaves(model.params)[0].dtype)
+    summaries = []
+    for task, (_, data, out) in zip(tasks, jobs):
+        new_tokens = max_new_tokens or task.max_new_tokens
+        settings = run_settings(checkpoint, model.config, processor, task, max_new_tokens=new_tokens, scoring=scoring,
+                                dtype=dtype, param_dtype=param_dtype, ladders=Ladders())
+        summaries.append(run_task(model, processor, task, data, out, batch_size=batch_size, data_dir=data_dir,
+                                  max_new_tokens=new_tokens, limit=limit, chunk=chunk, lenient=scoring == "lenient",
+                                  settings=settings))
     return summaries if jax.process_index() == 0 else []
 
 
+class MediaUsed:
+    """The sizes the processor actually gave this run's images and videos (the settings say what it may give)."""
+
+    KEYS = ("image_pixels_min", "image_pixels_max", "video_frames_min", "video_frames_max", "video_frame_pixels_min",
+            "video_frame_pixels_max", "video_fps_min", "video_fps_max")
+
+    def __init__(self):
+        self.values = np.array([np.inf, -np.inf] * 4)
+
+    def add(self, batch: dict, patch: int, temporal: int) -> None:
+        found = [[], [], [], []]
+        for _, h, w in batch.get("image_grid_thw", ()):
+            found[0].append(int(h) * int(w) * patch * patch)
+        for (t, h, w), seconds in zip(batch.get("video_grid_thw", ()), batch.get("second_per_grid_ts", ())):
+            found[1].append(int(t) * temporal)
+            found[2].append(int(h) * int(w) * patch * patch)
+            found[3].append(temporal / float(seconds))
+        for k, seen in enumerate(found):
+            if seen:
+                self.values[2 * k] = min(self.values[2 * k], min(seen))
+                self.values[2 * k + 1] = max(self.values[2 * k + 1], max(seen))
+
+    @staticmethod
+    def summary(values: np.ndarray) -> dict:
+        return {key: (None if not np.isfinite(v) else round(float(v), 3) if "fps" in key else int(v))
+                for key, v in zip(MediaUsed.KEYS, values)}
+
+
 def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: int, max_new_tokens: int,
-             data_dir: str | None, limit: int | None, chunk: int, lenient: bool) -> dict:
+             data_dir: str | None, limit: int | None, chunk: int, lenient: bool, settings: dict | None = None) -> dict:
     """One task on an opened model: this process's samples generated and written to its part, then (process 0)
-    every part merged into `out` and its summary; → the summary (process 0) or {}."""
+    every part merged into `out` and its summary; → the summary (process 0) or {}. `settings` (evaluation.settings):
+    checked against those OUT was written with (a difference is refused), recorded beside OUT and in the summary."""
     from qwen2vl_jax.compiles import CompileCounter
     from qwen2vl_jax.generation import generate_many
 
     rank, ranks = jax.process_index(), jax.process_count()
+    if settings is not None:
+        check_resume(out, settings, bool(read_lines(out) or read_lines(part_path(out, rank))))
+        if rank == 0 and not epath.Path(settings_path(out)).exists():
+            write_whole(settings_path(out), json.dumps(settings, indent=2))
     source = _open_source(data, data_dir, task)
     total = len(source) if limit is None else min(limit, len(source))
     sink = PartWriter(out, rank)
     done = {line["index"] for line in read_lines(out) + sink.kept}
     todo = [i for i in range(rank, total, ranks) if i not in done]
     eos = processor.tokenizer.eos_token_ids
+    media = MediaUsed()
     start, processed = time.perf_counter(), 0
     with CompileCounter() as compiles, contextlib.closing(sink), \
             tqdm(total=len(range(rank, total, ranks)), initial=len(range(rank, total, ranks)) - len(todo),
@@ -236,6 +282,9 @@ def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: i
             samples = [source[i] for i in todo[at:at + chunk]]
             prepared = [prepare(processor, s, task) for s in samples]
             runnable = [k for k, (request, _, _) in enumerate(prepared) if request is not None]
+            for k in runnable:
+                media.add(prepared[k][0], processor.image_options.patch_size,
+                          processor.video_options.temporal_patch_size)
             with model.context():
                 results = dict(zip(runnable, generate_many(model.config, model.params,
                                                            [prepared[k][0] for k in runnable], batch_size=batch_size,
@@ -262,13 +311,18 @@ def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: i
         sink.finish()
     seconds = time.perf_counter() - start
     stats = {"samples_per_s": processed / seconds if processed else None, "compiles": dict(compiles.names)}
+    used = media.values
     if ranks > 1:
         from jax.experimental import multihost_utils
         stats_all = multihost_utils.process_allgather(np.array([processed, seconds]))
+        media_all = multihost_utils.process_allgather(media.values)
+        used = np.where(np.arange(len(used)) % 2 == 0, media_all.min(axis=0), media_all.max(axis=0))
         multihost_utils.sync_global_devices(f"qwen2vl-eval: {task.name} parts written")
         stats["samples_per_s"] = float(stats_all[:, 0].sum() / stats_all[:, 1].max()) if processed else None
     if rank != 0:
         return {}
+    if settings is not None:
+        stats |= {"media_used": MediaUsed.summary(used), "settings": settings}
     return merge(out, ranks, task, total, stats, scoring="lenient" if lenient else "official")
 
 

@@ -1,5 +1,6 @@
 """The evaluation summary, printed and written: one task's table (`print_table`), and for a multi-task run one row
-per task in DIR/summary.md (markdown) and DIR/summary.json (the rows as a list).
+per task in DIR/summary.md (markdown, then the settings behind the numbers: those all tasks share, then each task's
+own) and DIR/summary.json (the summaries as a list, each with its "settings").
 
     | task | metric | value | samples | scored | errors | samples/s | compiles |
 """
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+
+from evaluation.settings import settings_markdown
 
 MODEL_PROGRAMS = ("prefill", "decode")  # generation's programs; anything else compiled is counted as "other"
 COLUMNS = ("task", "metric", "value", "samples", "scored", "errors", "samples/s", "compiles")
@@ -34,7 +37,7 @@ def print_table(summary: dict) -> None:
 def markdown(summaries: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(str(row(s)[c]) for c in COLUMNS) + " |" for s in summaries]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + settings_markdown(summaries)
 
 
 def write_tables(folder: str, summaries: list[dict], write) -> None:

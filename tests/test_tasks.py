@@ -390,3 +390,26 @@ def test_two_tasks_one_process_one_model_load_no_recompile(checkpoint, tmp_path,
     assert "| docvqa | anls |" in table and "| textvqa | vqa_accuracy |" in table
     assert "prefill 0, decode 0, other 0" in table.splitlines()[3]
     assert table in capsys.readouterr().out
+    # the settings behind each number: in each summary, beside each predictions file and under the table
+    docvqa, textvqa = (s["settings"] for s in summaries)
+    assert docvqa == json.load(open(out / "docvqa.jsonl.settings.json"))
+    assert docvqa["checkpoint"]["path"] == str(checkpoint) and len(docvqa["checkpoint"]["fingerprint"]) == 16
+    assert docvqa["checkpoint"]["fingerprint"] == textvqa["checkpoint"]["fingerprint"]
+    assert docvqa["generation"]["max_new_tokens"] == 4 and docvqa["generation"]["temperature"] == 0.0
+    assert docvqa["dtype"] == {"requested": None, "params": "float32"} and docvqa["ladders"]["length"][:2] == [256, 512]
+    assert docvqa["processor"]["image"]["max_pixels"] > 0 and docvqa["processor"]["video"]["fps"] == 2.0
+    assert docvqa["task"]["definition"] != textvqa["task"]["definition"]
+    assert "a013f00" in textvqa["scoring"]["script"] and "ANLS" in docvqa["scoring"]["script"]
+    assert docvqa["project"]["version"] == "0.1.0" and "commit" in docvqa["project"]
+    assert summaries[0]["media_used"]["image_pixels_min"] > 0 and summaries[0]["media_used"]["video_frames_min"] is None
+    assert "Settings (all tasks):" in table and "- generation.max_new_tokens: 4" in table
+    assert "textvqa:" in table and "- scoring.script:" in table.split("textvqa:")[1]
+    # a rerun under other settings is refused, naming the field; under the same ones it resumes (nothing left)
+    rerun = ["--checkpoint", str(checkpoint), "--task", "docvqa", "--data", f"parquet:{tmp_path / 'docvqa'}",
+             "--out", str(out / "docvqa.jsonl"), "--batch-size", "4", "--compile-cache", ""]
+    with pytest.raises(SystemExit, match=r"generation\.max_new_tokens: 4 then, 5 now"):
+        runner.main(rerun + ["--max-new-tokens", "5"])
+    with pytest.raises(SystemExit, match=r"scoring\.rule: 'official' then, 'lenient' now"):
+        runner.main(rerun + ["--max-new-tokens", "4", "--scoring", "lenient"])
+    runner.main(rerun + ["--max-new-tokens", "4"])
+    assert json.load(open(out / "docvqa.summary.json"))["value"] == summaries[0]["value"]
