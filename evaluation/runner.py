@@ -30,7 +30,8 @@ or corrupt image, empty question, too long) gets its error, score null, and the 
 
 What decides the number (evaluation/settings.py: checkpoint path + fingerprint, task definition, pixel and video
 limits, generation settings, dtype, scoring rule, ladders, project version + commit) is written to OUT.settings.json
-before the first prediction and into the summary with the sizes the images and videos actually got ("media_used").
+before the first prediction and into the summary, with what this invocation's samples actually got: the image and
+video sizes ("media_used") and the share of each padded axis that was padding ("padding").
 A rerun with the same --out resumes only under the same settings: any difference is refused, naming the fields."""
 from __future__ import annotations
 
@@ -200,10 +201,12 @@ def evaluate(checkpoint: str, data: str, task: str, out: str, **options) -> dict
 def evaluate_tasks(checkpoint: str, jobs: list[tuple[str, str, str]], *, batch_size: int = 8,
                    max_new_tokens: int | None = None, data_dir: str | None = None, limit: int | None = None,
                    dtype: str | None = None, chunk: int = 64, mesh: str = DEFAULT_MESH,
-                   scoring: str = "official") -> list[dict]:
+                   scoring: str = "official", ladders: Ladders = Ladders()) -> list[dict]:
     """Runs (or finishes) each (task, data spec, out) in turn on one model load: the compiled programs are reused
     from task to task (a task whose shapes an earlier one built compiles nothing). → the summaries (process 0) or
-    [] (other processes); each summary's "compiles" counts the programs built during that task."""
+    [] (other processes); each summary's "compiles" counts the programs built during that task and "padding" the
+    share of each padded axis that was padding (generation's PaddingStats over the task). `ladders`: the shape
+    buckets (buckets.Ladders; the default is what a user gets)."""
     from qwen2vl_jax.processing import Processor
     from sharding.mesh import initialize_distributed
 
@@ -219,10 +222,10 @@ def evaluate_tasks(checkpoint: str, jobs: list[tuple[str, str, str]], *, batch_s
     for task, (_, data, out) in zip(tasks, jobs):
         new_tokens = max_new_tokens or task.max_new_tokens
         settings = run_settings(checkpoint, model.config, processor, task, max_new_tokens=new_tokens, scoring=scoring,
-                                dtype=dtype, param_dtype=param_dtype, ladders=Ladders())
+                                dtype=dtype, param_dtype=param_dtype, ladders=ladders)
         summaries.append(run_task(model, processor, task, data, out, batch_size=batch_size, data_dir=data_dir,
                                   max_new_tokens=new_tokens, limit=limit, chunk=chunk, lenient=scoring == "lenient",
-                                  settings=settings))
+                                  settings=settings, ladders=ladders))
     return summaries if jax.process_index() == 0 else []
 
 
@@ -255,12 +258,13 @@ class MediaUsed:
 
 
 def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: int, max_new_tokens: int,
-             data_dir: str | None, limit: int | None, chunk: int, lenient: bool, settings: dict | None = None) -> dict:
+             data_dir: str | None, limit: int | None, chunk: int, lenient: bool, settings: dict | None = None,
+             ladders: Ladders = Ladders()) -> dict:
     """One task on an opened model: this process's samples generated and written to its part, then (process 0)
     every part merged into `out` and its summary; → the summary (process 0) or {}. `settings` (evaluation.settings):
     checked against those OUT was written with (a difference is refused), recorded beside OUT and in the summary."""
     from qwen2vl_jax.compiles import CompileCounter
-    from qwen2vl_jax.generation import generate_many
+    from qwen2vl_jax.generation import STATS, generate_many
 
     rank, ranks = jax.process_index(), jax.process_count()
     if settings is not None:
@@ -274,6 +278,7 @@ def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: i
     todo = [i for i in range(rank, total, ranks) if i not in done]
     eos = processor.tokenizer.eos_token_ids
     media = MediaUsed()
+    padding_before = STATS.real.copy(), STATS.padded.copy()
     start, processed = time.perf_counter(), 0
     with CompileCounter() as compiles, contextlib.closing(sink), \
             tqdm(total=len(range(rank, total, ranks)), initial=len(range(rank, total, ranks)) - len(todo),
@@ -289,7 +294,7 @@ def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: i
                 results = dict(zip(runnable, generate_many(model.config, model.params,
                                                            [prepared[k][0] for k in runnable], batch_size=batch_size,
                                                            max_new_tokens=max_new_tokens, temperature=0.0,
-                                                           eos_token_ids=eos)))
+                                                           eos_token_ids=eos, ladders=ladders)))
             written = []
             for k, (sample, (_, prompt, error)) in enumerate(zip(samples, prepared)):
                 result = results.get(k)
@@ -312,15 +317,20 @@ def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: i
     seconds = time.perf_counter() - start
     stats = {"samples_per_s": processed / seconds if processed else None, "compiles": dict(compiles.names)}
     used = media.values
+    axes = sorted(STATS.real)
+    padding = np.array([[STATS.real[a] - padding_before[0][a] for a in axes],
+                        [STATS.padded[a] - padding_before[1][a] for a in axes]], np.float64)
     if ranks > 1:
         from jax.experimental import multihost_utils
         stats_all = multihost_utils.process_allgather(np.array([processed, seconds]))
         media_all = multihost_utils.process_allgather(media.values)
         used = np.where(np.arange(len(used)) % 2 == 0, media_all.min(axis=0), media_all.max(axis=0))
+        padding = multihost_utils.process_allgather(padding).sum(axis=0)
         multihost_utils.sync_global_devices(f"qwen2vl-eval: {task.name} parts written")
         stats["samples_per_s"] = float(stats_all[:, 0].sum() / stats_all[:, 1].max()) if processed else None
     if rank != 0:
         return {}
+    stats["padding"] = {a: round(1 - real / padded, 4) if padded else None for a, real, padded in zip(axes, *padding)}
     if settings is not None:
         stats |= {"media_used": MediaUsed.summary(used), "settings": settings}
     return merge(out, ranks, task, total, stats, scoring="lenient" if lenient else "official")
