@@ -10,6 +10,9 @@ Every source returns the same normalized record (a dict)::
      "id": str,
      ...}                # extra top-level string fields, passed through
 
+JsonlSource also reads LLaMA-Factory, ms-swift, ShareGPT and LLaVA lines (<image>/<video> tags in string
+contents, media in top-level lists), detected per line by their keys: see data_pipeline/formats.py.
+
 A record that cannot be built (bad JSON, no messages, path escaping the root)
 is returned as ``{"error": "<reason naming the file and line>", "id": str}``
 instead of raising, so a pipeline can count and skip it.
@@ -27,14 +30,11 @@ import threading
 import numpy as np
 from etils import epath
 
+from data_pipeline.formats import RecordError, to_qwen  # noqa: F401 (RecordError: part of this module's API)
 from qwen2vl_jax.processing.loading import is_remote
 
 _REMOTE_PREFIXES = ("http://", "https://", "gs://", "s3://")
 _RESERVED = ("messages", "images", "videos", "id", "error")
-
-
-class RecordError(ValueError):
-    """A conversation that cannot be normalized (reported as an error record)."""
 
 
 def confined_path(ref, root: str, root_real: str | None) -> str:
@@ -112,7 +112,8 @@ def _check_messages(messages) -> list:
 
 
 class JsonlSource:
-    """One Qwen-format conversation per line of a JSONL file.
+    """One conversation per line of a JSONL file: Qwen messages, or LLaMA-Factory / ms-swift / ShareGPT / LLaVA
+    records with <image>/<video> tags, told apart per line by their keys (data_pipeline/formats.py).
 
     Args:
       path: the .jsonl file (local path or epath-supported URL).
@@ -176,19 +177,20 @@ class JsonlSource:
             obj = json.loads(self._read_line(i))
             if not isinstance(obj, dict):
                 raise RecordError("line is not a JSON object")
-            messages = _check_messages(obj.get("messages"))
+            qwen, consumed = to_qwen(obj)
+            messages = qwen["messages"]
             images = [confined_path(r, self.root, self._root_real)
-                      for r in _media_refs(messages, "image", obj.get("images"))]
+                      for r in _media_refs(messages, "image", qwen["images"])]
             videos = [{**r, "video": confined_path(r["video"], self.root, self._root_real)} if isinstance(r, dict)
                       else confined_path(r, self.root, self._root_real)
-                      for r in _media_refs(messages, "video", obj.get("videos"))]
+                      for r in _media_refs(messages, "video", qwen["videos"])]
         except (ValueError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
             return {"error": f"{self.path} line {line_no}: {e}", "id": default_id}
         rid = obj.get("id")
         record = {"messages": messages, "images": images, "videos": videos,
                   "id": str(rid) if isinstance(rid, (str, int)) else default_id}
         record.update({k: v for k, v in obj.items()
-                       if k not in _RESERVED and isinstance(v, str)})
+                       if k not in _RESERVED and k not in consumed and isinstance(v, str)})
         return record
 
 
