@@ -31,7 +31,10 @@ def base() -> ml_collections.ConfigDict:
         min_pixels=56 * 56, max_pixels=28 * 28 * 1024,  # images
         video_total_pixels=0))  # pixels per video; 0 = the processor's (qwen-vl-utils 0.0.14: 0.9·128000·28²)
     c.optim = ml_collections.ConfigDict(dict(learning_rate=1e-5, warmup_steps=100, weight_decay=0.1, b1=0.9, b2=0.95,
-                                             clip_norm=1.0, grad_accum=1))
+                                             clip_norm=1.0, grad_accum=1, freeze="", lr_multipliers=""))
+    # freeze: a regex over parameter paths (e.g. r"visual/blocks_([0-9]|1[0-5])/": the first 16 ViT blocks) on top
+    # of the stage; lr_multipliers: "PATTERN=M;PATTERN=M" (e.g. "visual/blocks=0.1;visual/merger=1"), first match
+    # wins. Paths and semantics: training/param_groups.py
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.log_every = 10

@@ -135,15 +135,14 @@ def demo(tmp_path_factory):
     return model_and_processor(get_config(), str(tmp_path_factory.mktemp("demo")))
 
 
-def llava_file(folder, count: int, good: int = 0) -> JsonlSource:
-    """`count` LLaVA-format records (not readable as Qwen messages) after `good` readable ones."""
+def unusable_file(folder, count: int, good: int = 0) -> JsonlSource:
+    """`count` records of no known format (no messages or conversations) after `good` readable ones."""
     lines = []
     for i in range(good):
         example = make_example(i)
         lines.append({"id": f"good{i}", "messages": to_messages(example, "x.png")})
         example["image"].save(folder / "x.png")
-    lines += [{"id": f"llava{i}", "image": "x.png",
-               "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A"}]}
+    lines += [{"id": f"bad{i}", "image": "x.png", "question": "What?", "answer": "A"}  # no messages: unusable
               for i in range(count)]
     path = folder / "train.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -156,7 +155,7 @@ def data_config(**changes):
 
 def test_a_file_with_no_usable_record_is_an_error_after_one_pass(demo, tmp_path):
     model_config, processor = demo
-    source = llava_file(tmp_path, 7)
+    source = unusable_file(tmp_path, 7)
     it = iter(training_batches(source, processor, model_config, data_config(), seed=0))
     with pytest.raises(NoUsableRecords) as error:
         next(it)
@@ -169,7 +168,7 @@ def test_a_file_with_no_usable_record_is_an_error_after_one_pass(demo, tmp_path)
 def test_a_batch_shard_with_no_usable_record_is_named(demo, tmp_path):
     """Records alternate between the 2 batch shards: good ones at even indices feed shard 0 only."""
     model_config, processor = demo
-    good = llava_file(tmp_path, 0, good=1)
+    good = unusable_file(tmp_path, 0, good=1)
     lines = []
     for i in range(4):
         lines.append(json.loads(open(good.path).read()) | {"id": f"good{i}"})
@@ -182,7 +181,7 @@ def test_a_batch_shard_with_no_usable_record_is_named(demo, tmp_path):
 
 
 def test_the_cli_ends_on_a_file_with_no_usable_record(tmp_path):
-    llava_file(tmp_path, 40)
+    unusable_file(tmp_path, 40)
     started = time.monotonic()
     args = command(tmp_path / "run", tmp_path, f"--config.data.train=jsonl:{tmp_path}/train.jsonl")
     proc = start(args, str(tmp_path / "log"))

@@ -4,6 +4,7 @@ import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
 from ml_collections import ConfigDict
 
@@ -106,3 +107,95 @@ def test_gradient_accumulation_updates_every_k_micro_batches(setup):
     np.testing.assert_array_equal(embed(one), np.asarray(params["language_model"]["embed_tokens"]))
     plain, _ = run(setup, 1)
     np.testing.assert_allclose(embed(two), embed(plain), atol=1e-6)  # two equal micro-batches = one step
+
+
+def _steps(model_config, params, batch, steps, lr, **groups):
+    """`steps` updates of `params` on `batch` with optim.freeze / optim.lr_multipliers as the train CLI builds them."""
+    from training.param_groups import is_uniform, trains, update_scales
+
+    scales = update_scales(params, "all", groups.get("freeze", ""), groups.get("lr_multipliers", ""))
+    optimizer = make_optimizer(lr, warmup_steps=0, total_steps=1000, trainable=trains(scales),
+                               scales=None if is_uniform(scales) else scales)
+    step = jax.jit(functools.partial(train_step, config=model_config, optimizer=optimizer, trainable=scales))
+    state = init_state(params, optimizer)
+    for _ in range(steps):
+        state, _ = step(state, batch)
+    return state
+
+
+def test_freeze_by_pattern_in_both_layouts(setup):
+    """optim.freeze holds ViT block 0 bit-exactly with no optimizer state when unrolled; scanned, where block 0 is a
+    slice of the stacked leaves, the slice stays bit-identical and gets no gradient (its Adam moments stay 0)."""
+    import dataclasses
+
+    from qwen2vl_jax.checkpoint.mapping import stack_layers
+
+    model_config, params, batch = setup
+    groups = dict(freeze=r"visual/blocks_0/", lr_multipliers="visual/merger=0.5")
+    state = _steps(model_config, params, batch, 2, 3e-3, **groups)
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    assert same(state.params["visual"]["blocks_0"], params["visual"]["blocks_0"])
+    assert not same(state.params["visual"]["blocks_1"], params["visual"]["blocks_1"])
+    trained = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+                  if "blocks_0" not in jax.tree_util.keystr(path))
+    moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
+    assert moments == 2 * trained  # Adam's mu and nu for every trained parameter, none for the frozen block
+
+    stacked = stack_layers(params, model_config)
+    scanned = _steps(dataclasses.replace(model_config, scan_layers=True), stacked, batch, 2, 3e-3, **groups)
+    after, before = scanned.params["visual"]["blocks"], stacked["visual"]["blocks"]
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b)[0]), after, before)
+    assert not any(np.array_equal(np.asarray(a)[1], np.asarray(b)[1]) for a, b in
+                   zip(jax.tree.leaves(after), jax.tree.leaves(before)) if np.asarray(b)[1].std() > 0)
+    nu = [x for x in jax.tree.leaves(scanned.opt_state) if x.shape == before["attn"]["qkv"]["kernel"].shape]
+    assert nu and all(not np.asarray(x)[0].any() and np.asarray(x)[1].any() for x in nu)
+
+
+def test_lr_multipliers_are_adamw_at_that_rate_and_freezing_is_exact():
+    """On a toy tree with fixed gradients: a ×0.5 group moves exactly as AdamW at half the rate, a frozen layer of a
+    stacked leaf gets an update of exactly 0, and the rest as plain AdamW."""
+    from training.param_groups import trains, update_scales
+    from training.step import scale_updates
+
+    rng = np.random.default_rng(0)
+    params = {"visual": {"blocks": {"w": rng.normal(size=(3, 4, 5)).astype(np.float32)},
+                         "merger": {"w": rng.normal(size=(5, 2)).astype(np.float32)}},
+              "language_model": {"embed_tokens": rng.normal(size=(7, 4)).astype(np.float32)}}
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(3)]
+    scales = update_scales(params, freeze=r"visual/blocks_1/", lr_multipliers="merger=0.5")
+    assert scales["visual"]["blocks"]["w"].tolist() == [1, 0, 1] and float(scales["visual"]["merger"]["w"]) == 0.5
+
+    def run(optimizer, tree):
+        state, out = optimizer.init(tree), tree
+        for g in grads:
+            g = jax.tree.map(lambda x, s: x * (np.asarray(s) > 0).reshape(np.shape(s) + (1,) * (x.ndim - np.ndim(s))),
+                             g, scales)  # what the gated loss gives: no gradient into the frozen layer
+            updates, state = optimizer.update(g, state, out)
+            out = optax.apply_updates(out, updates)
+        return out
+
+    ours = run(make_optimizer(1e-2, warmup_steps=0, total_steps=10, clip_norm=1e9, trainable=trains(scales),
+                              scales=scales), params)
+    adamw = lambda lr: optax.adamw(optax.cosine_decay_schedule(lr, 10), b1=0.9, b2=0.95, weight_decay=0.1)
+    full, half = run(adamw(1e-2), params), run(adamw(5e-3), params)
+    np.testing.assert_allclose(ours["visual"]["merger"]["w"], half["visual"]["merger"]["w"], rtol=1e-6)
+    np.testing.assert_allclose(ours["language_model"]["embed_tokens"], full["language_model"]["embed_tokens"],
+                               rtol=1e-6)
+    w = np.asarray(ours["visual"]["blocks"]["w"])
+    np.testing.assert_array_equal(w[1], params["visual"]["blocks"]["w"][1])
+    np.testing.assert_allclose(w[[0, 2]], np.asarray(full["visual"]["blocks"]["w"])[[0, 2]], rtol=1e-6)
+    assert scale_updates(scales).init(params) == optax.EmptyState()
+
+
+def test_bad_group_patterns_are_named():
+    from training.param_groups import update_scales
+
+    params = {"visual": {"blocks_0": {"w": np.zeros(2)}}, "language_model": {"embed_tokens": np.zeros(2)}}
+    with pytest.raises(ValueError, match="optim.freeze 'visual/blocks_9/' matches no trained parameter"):
+        update_scales(params, freeze="visual/blocks_9/")
+    with pytest.raises(ValueError, match="PATTERN=MULTIPLIER"):
+        update_scales(params, lr_multipliers="visual=fast")
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        update_scales(params, stage="vision", freeze="visual")
+    with pytest.raises(ValueError, match="'merger' matches no trained"):
+        update_scales(params, lr_multipliers="merger=0.1")

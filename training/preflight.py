@@ -20,6 +20,8 @@ from etils import epath
 RESUMABLE_CHANGES = frozenset({"steps", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
                                "compile_cache", "demo_eval", "max_nonfinite_steps", "data.workers", "data.eval",
                                "data.demo_set", "data.data_dir"})
+# fields added since a checkpoint may have been written: absent there equals their default here
+ADDED_FIELDS = {"optim.freeze": "", "optim.lr_multipliers": ""}
 
 
 class PreflightError(ValueError):
@@ -105,7 +107,7 @@ def check_resume(config, workdir: str) -> None:
     saved = path / "config.json"
     if not (checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir()) and saved.exists()):
         return
-    before = _flat(json.loads(saved.read_text()))
+    before = ADDED_FIELDS | _flat(json.loads(saved.read_text()))
     now = _flat(json.loads(config.to_json_best_effort()))
     changed = [k for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k) and not any(k == f or k.startswith(f + ".") for f in RESUMABLE_CHANGES)]

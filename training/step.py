@@ -13,17 +13,13 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.inputs import IGNORE
 from qwen2vl_jax.model import Qwen2VL
-
-
-# The paper's three stages, as the parameter groups each one trains (the rest stays bit-identical):
-# 1 the ViT (+ merger) on image-text pairs with the LLM frozen, 2 everything, 3 the LLM + merger with the ViT frozen.
-GROUPS = ("vision", "merger", "llm")
-STAGES = {"vision": ("vision", "merger"), "all": GROUPS, "llm": ("llm", "merger")}
+from training.param_groups import GROUPS, STAGES, group_of, trains, update_scales  # noqa: F401  (names step exports)
 
 
 @flax.struct.dataclass
@@ -34,20 +30,29 @@ class TrainState:
     rng: jax.Array | None = None  # for stochastic layers; saved and restored with the state
 
 
-def group_of(path: tuple) -> str:
-    """A parameter's group from its tree path: visual/merger → "merger", the rest of visual → "vision", else
-    "llm"."""
-    names = [getattr(k, "key", str(k)) for k in path]
-    if names[0] == "visual":
-        return "merger" if "merger" in names else "vision"
-    return "llm"
-
-
 def trainable_mask(params, stage: str = "all"):
     """The params tree as bools: True where `stage` (a key of STAGES) trains the parameter."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown training stage {stage!r}; choose one of {', '.join(STAGES)}")
-    return jax.tree_util.tree_map_with_path(lambda path, _: group_of(path) in STAGES[stage], params)
+    return trains(update_scales(params, stage))
+
+
+def _gate(param, scale):
+    """`param` with its gradient kept only where `scale` (training.param_groups) trains it: a bool or scalar scale
+    keeps all or nothing; a per-layer one zeroes the frozen layers' slices (the value stays bit-identical)."""
+    scale = np.asarray(scale)
+    if scale.ndim == 0 or np.all(scale > 0) or np.all(scale <= 0):
+        return param if np.any(scale > 0) else jax.lax.stop_gradient(param)
+    fixed = jax.lax.stop_gradient(param)
+    mask = (scale > 0).reshape(scale.shape + (1,) * (param.ndim - 1))
+    return fixed + jnp.where(mask, param - fixed, 0)
+
+
+def scale_updates(scales) -> optax.GradientTransformation:
+    """Multiplies each update by its parameter's scale (per layer for stacked leaves): learning-rate multipliers,
+    and exact zeros for frozen layers of a partly frozen stack. Stateless."""
+    def apply(updates, params=None):
+        return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype).reshape(np.shape(s) + (1,) * (u.ndim - np.ndim(s))),
+                            updates, scales)
+    return optax.stateless(apply)
 
 
 def learning_rate_schedule(learning_rate: float, warmup_steps: int, total_steps: int):
@@ -60,9 +65,11 @@ def learning_rate_schedule(learning_rate: float, warmup_steps: int, total_steps:
 
 def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, total_steps: int = 1000,
                    weight_decay: float = 0.1, b1: float = 0.9, b2: float = 0.95, clip_norm: float = 1.0,
-                   grad_accum: int = 1, trainable=None, max_nonfinite: int = 1000):
+                   grad_accum: int = 1, trainable=None, scales=None, max_nonfinite: int = 1000):
     """AdamW on `learning_rate_schedule`, after global-norm clipping. `trainable`: a bool tree (trainable_mask) or
-    None (all); frozen parameters get zero updates and no optimizer state. An update whose gradients hold NaN/inf is
+    None (all); frozen parameters get zero updates and no optimizer state. `scales` (training.param_groups
+    update_scales, None: all 1): each update times its parameter's scale — learning-rate multipliers and frozen layers
+    of a stacked leaf. An update whose gradients hold NaN/inf is
     skipped (optax.apply_if_finite; the state counts them). grad_accum > 1: optax.MultiSteps averages that many
     micro-batch gradients per update (a non-finite micro-batch is dropped from the average)."""
     opt = optax.chain(optax.clip_by_global_norm(clip_norm),
@@ -71,6 +78,8 @@ def make_optimizer(learning_rate: float = 1e-5, *, warmup_steps: int = 0, total_
     if trainable is not None:
         labels = jax.tree_util.tree_map(lambda t: "train" if t else "frozen", trainable)
         opt = optax.multi_transform({"train": opt, "frozen": optax.set_to_zero()}, labels)
+    if scales is not None:
+        opt = optax.chain(opt, scale_updates(scales))
     if grad_accum > 1:
         return optax.MultiSteps(opt, every_k_schedule=grad_accum, should_skip_update_fn=optax.skip_not_finite)
     return optax.apply_if_finite(opt, max_consecutive_errors=max_nonfinite)
@@ -104,11 +113,11 @@ def selected_cross_entropy(hidden: jax.Array, apply_head, loss_index: jax.Array,
 
 
 def loss_fn(params, batch: dict, config: Qwen2VLConfig, trainable=None) -> tuple[jax.Array, jax.Array]:
-    """→ (mean loss over labelled tokens, their count). Frozen parameters (trainable False) get no gradient, so XLA
-    drops their backward pass. With batch["loss_index"] / ["loss_targets"] (data_pipeline.batching adds them) the
+    """→ (mean loss over labelled tokens, their count). Frozen parameters (trainable False, or scale 0: a bool tree or
+    training.param_groups scales) get no gradient, so XLA drops their backward pass. With batch["loss_index"] / ["loss_targets"] (data_pipeline.batching adds them) the
     head runs on those positions only; otherwise on all of them, shifted labels as in Hugging Face."""
     if trainable is not None:
-        params = jax.tree_util.tree_map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
+        params = jax.tree_util.tree_map(_gate, params, trainable)
     model = Qwen2VL(config)
     args = (batch["input_ids"], batch["prepared"], batch.get("vision_pixels"))
     if "loss_index" in batch:

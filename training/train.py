@@ -38,8 +38,9 @@ from training import preflight
 from training.checkpoints import Checkpoints, Preemption
 from training.interrupts import Interrupted, StopBeforeFirstStep
 from training.metrics import MetricsWriter
+from training.param_groups import is_uniform, trains, update_scales
 from training.step import (init_state, jit_train_step, learning_rate_schedule, make_optimizer, skipped_streak,
-                           state_shardings, trainable_mask)
+                           state_shardings)
 
 log = logging.getLogger("training.train")  # not __name__: "__main__" under python -m
 HOST_KEYS = ("stats", "example_ids")  # batch entries that stay on the host
@@ -134,7 +135,7 @@ def model_flops_per_token(params) -> tuple[float, float]:
     """≈ (FLOPs per text token, FLOPs per vision patch) of a training step for a params tree (shapes suffice):
     6 × the parameters each passes through (forward + backward; attention scores and the merger's 4× row reduction
     ignored)."""
-    from training.step import group_of
+    from training.param_groups import group_of
 
     sizes = {"vision": 0, "merger": 0, "llm": 0}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
@@ -187,12 +188,16 @@ def _train(config, workdir: str, guard: StopBeforeFirstStep) -> dict:
 
     with jax.set_mesh(mesh):
         shapes = nn.unbox(abstract_params(model_config))
-        trainable = trainable_mask(shapes, config.stage)
         o = config.optim
+        try:  # which parameters train and at what rate: a bad pattern stops here, before any compile
+            scales = update_scales(shapes, config.stage, o.get("freeze", ""), o.get("lr_multipliers", ""))
+        except ValueError as error:
+            raise preflight.PreflightError(str(error)) from None
         # steps counts batches; with grad_accum k the optimizer makes steps / k updates (warmup_steps counts updates)
         optimizer = make_optimizer(o.learning_rate, warmup_steps=o.warmup_steps,
                                    total_steps=config.steps // o.grad_accum, weight_decay=o.weight_decay, b1=o.b1,
-                                   b2=o.b2, clip_norm=o.clip_norm, grad_accum=o.grad_accum, trainable=trainable)
+                                   b2=o.b2, clip_norm=o.clip_norm, grad_accum=o.grad_accum, trainable=trains(scales),
+                                   scales=None if is_uniform(scales) else scales)
         s_shardings = state_shardings(model_config, optimizer, mesh)
         make_state = jax.jit(functools.partial(init_state, optimizer=optimizer, seed=config.seed),
                              out_shardings=s_shardings)
@@ -211,7 +216,7 @@ def _train(config, workdir: str, guard: StopBeforeFirstStep) -> dict:
                 log.info("resumed from step %d", first)
             else:
                 first, state = 0, make_state(initial_params(config, model_config, mesh))
-            summary = run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings,
+            summary = run_loop(config, workdir, model_config, mesh, state, optimizer, scales, s_shardings,
                                iterator, checkpoints, first, model_flops_per_token(shapes), hosts, guard)
         finally:
             iterator.close()
@@ -233,7 +238,7 @@ def _train(config, workdir: str, guard: StopBeforeFirstStep) -> dict:
     return summary
 
 
-def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s_shardings, iterator, checkpoints,
+def run_loop(config, workdir, model_config, mesh, state, optimizer, scales, s_shardings, iterator, checkpoints,
              first: int, flops_per_token: tuple[float, float], hosts: HostAgreement,
              guard: StopBeforeFirstStep | None = None) -> dict:
     steps = {}  # jitted step per batch-sharding layout
@@ -242,7 +247,7 @@ def run_loop(config, workdir, model_config, mesh, state, optimizer, trainable, s
         key = tuple(sorted((k, str(s.spec)) for k, s in jax.tree_util.tree_leaves_with_path(shardings)
                            for k in [jax.tree_util.keystr(k)]))
         if key not in steps:
-            steps[key] = jit_train_step(model_config, optimizer, mesh, s_shardings, shardings, trainable)
+            steps[key] = jit_train_step(model_config, optimizer, mesh, s_shardings, shardings, scales)
         return steps[key]
 
     accum = config.optim.grad_accum
