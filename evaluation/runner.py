@@ -330,7 +330,8 @@ def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: i
         stats["samples_per_s"] = float(stats_all[:, 0].sum() / stats_all[:, 1].max()) if processed else None
     if rank != 0:
         return {}
-    stats["padding"] = {a: round(1 - real / padded, 4) if padded else None for a, real, padded in zip(axes, *padding)}
+    stats["padding"] = {a: round(1 - float(real) / float(padded), 4) if padded else None
+                        for a, real, padded in zip(axes, *padding)}
     if settings is not None:
         stats |= {"media_used": MediaUsed.summary(used), "settings": settings}
     return merge(out, ranks, task, total, stats, scoring="lenient" if lenient else "official")

@@ -217,7 +217,8 @@ def test_refcoco_accuracy_scaled_and_unparseable():
 
 def test_metrics_registry():
     assert set(METRICS) == {"vqa", "docvqa", "chartqa", "refcoco", "exact"}
-    assert METRICS["vqa"]("two", {"answers": ["2"] * 10}) == 1.0
+    assert METRICS["vqa"]("two", {"answers": ["2"] * 9 + ["2."]}) == 1.0  # answers differ: both sides normalized
+    assert METRICS["vqa"]("two", {"answers": ["2"] * 10}) == 0.0  # unanimous: compared as written (official)
     assert METRICS["docvqa"]("abcxy", {"answers": ["abcde"]}) == pytest.approx(0.6)
     assert METRICS["chartqa"]("4.9", {"answers": ["5"]}) == 1.0
     assert METRICS["chartqa"]("10", {"answers": ["5", "10.2"]}) == 1.0
