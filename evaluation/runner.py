@@ -54,7 +54,7 @@ from data_pipeline.sources import question_text
 from qwen2vl_jax.processing.loading import is_remote
 from evaluation.data import open_eval_source
 from evaluation.serving import DEFAULT_MESH, add_model_flags, open_model
-from evaluation.settings import check_resume, run_settings, settings_path
+from evaluation.settings import MediaUsed, check_resume, run_settings, settings_path
 from evaluation.summary import markdown, print_table, write_tables
 from evaluation.tasks import TASKS, Task, complete_turns, get_task
 from qwen2vl_jax.buckets import Ladders
@@ -229,34 +229,6 @@ def evaluate_tasks(checkpoint: str, jobs: list[tuple[str, str, str]], *, batch_s
     return summaries if jax.process_index() == 0 else []
 
 
-class MediaUsed:
-    """The sizes the processor actually gave this run's images and videos (the settings say what it may give)."""
-
-    KEYS = ("image_pixels_min", "image_pixels_max", "video_frames_min", "video_frames_max", "video_frame_pixels_min",
-            "video_frame_pixels_max", "video_fps_min", "video_fps_max")
-
-    def __init__(self):
-        self.values = np.array([np.inf, -np.inf] * 4)
-
-    def add(self, batch: dict, patch: int, temporal: int) -> None:
-        found = [[], [], [], []]
-        for _, h, w in batch.get("image_grid_thw", ()):
-            found[0].append(int(h) * int(w) * patch * patch)
-        for (t, h, w), seconds in zip(batch.get("video_grid_thw", ()), batch.get("second_per_grid_ts", ())):
-            found[1].append(int(t) * temporal)
-            found[2].append(int(h) * int(w) * patch * patch)
-            found[3].append(temporal / float(seconds))
-        for k, seen in enumerate(found):
-            if seen:
-                self.values[2 * k] = min(self.values[2 * k], min(seen))
-                self.values[2 * k + 1] = max(self.values[2 * k + 1], max(seen))
-
-    @staticmethod
-    def summary(values: np.ndarray) -> dict:
-        return {key: (None if not np.isfinite(v) else round(float(v), 3) if "fps" in key else int(v))
-                for key, v in zip(MediaUsed.KEYS, values)}
-
-
 def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: int, max_new_tokens: int,
              data_dir: str | None, limit: int | None, chunk: int, lenient: bool, settings: dict | None = None,
              ladders: Ladders = Ladders()) -> dict:
@@ -267,14 +239,15 @@ def run_task(model, processor, task: Task, data: str, out: str, *, batch_size: i
     from qwen2vl_jax.generation import STATS, generate_many
 
     rank, ranks = jax.process_index(), jax.process_count()
+    earlier = read_lines(out)
     if settings is not None:
-        check_resume(out, settings, bool(read_lines(out) or read_lines(part_path(out, rank))))
+        check_resume(out, settings, bool(earlier or read_lines(part_path(out, rank))))
         if rank == 0 and not epath.Path(settings_path(out)).exists():
             write_whole(settings_path(out), json.dumps(settings, indent=2))
     source = _open_source(data, data_dir, task)
     total = len(source) if limit is None else min(limit, len(source))
     sink = PartWriter(out, rank)
-    done = {line["index"] for line in read_lines(out) + sink.kept}
+    done = {line["index"] for line in earlier + sink.kept}
     todo = [i for i in range(rank, total, ranks) if i not in done]
     eos = processor.tokenizer.eos_token_ids
     media = MediaUsed()

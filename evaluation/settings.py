@@ -9,7 +9,8 @@ OUT.settings.json before the first prediction and into every summary (TASK.summa
 
 A rerun with the same OUT resumes only when its settings equal the recorded ones (`check_resume`): a difference is
 refused with the fields named, since merging predictions made two ways gives a number neither way gives. How the
-work was spread (batch size, chunk, mesh, processes) is not a setting: it changes no prediction."""
+work was spread (batch size, chunk, mesh, processes) is not a setting: it changes no prediction. `MediaUsed` records
+what a run's images and videos actually got (the settings give the limits)."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 from etils import epath
 
 CHECKPOINT_INDEX_FILES = ("config.json", "generation_config.json", "preprocessor_config.json",
@@ -190,3 +192,31 @@ def _flatten(d: dict, prefix: str = ""):
             yield from _flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+class MediaUsed:
+    """The sizes the processor actually gave this run's images and videos (the settings say what it may give)."""
+
+    KEYS = ("image_pixels_min", "image_pixels_max", "video_frames_min", "video_frames_max", "video_frame_pixels_min",
+            "video_frame_pixels_max", "video_fps_min", "video_fps_max")
+
+    def __init__(self):
+        self.values = np.array([np.inf, -np.inf] * 4)
+
+    def add(self, batch: dict, patch: int, temporal: int) -> None:
+        found = [[], [], [], []]
+        for _, h, w in batch.get("image_grid_thw", ()):
+            found[0].append(int(h) * int(w) * patch * patch)
+        for (t, h, w), seconds in zip(batch.get("video_grid_thw", ()), batch.get("second_per_grid_ts", ())):
+            found[1].append(int(t) * temporal)
+            found[2].append(int(h) * int(w) * patch * patch)
+            found[3].append(temporal / float(seconds))
+        for k, seen in enumerate(found):
+            if seen:
+                self.values[2 * k] = min(self.values[2 * k], min(seen))
+                self.values[2 * k + 1] = max(self.values[2 * k + 1], max(seen))
+
+    @staticmethod
+    def summary(values: np.ndarray) -> dict:
+        return {key: (None if not np.isfinite(v) else round(float(v), 3) if "fps" in key else int(v))
+                for key, v in zip(MediaUsed.KEYS, values)}

@@ -63,6 +63,17 @@ def ref_process_digit_article(in_text):
     return " ".join(out_text)
 
 
+def ref_leave_one_out(gts, res_ans):
+    """The script's accuracy of one (processed) prediction against its answer dicts: min(1, matches among the
+    others / 3), averaged."""
+    gt_acc = []
+    for gt_ans_datum in gts:
+        other = [item for item in gts if item != gt_ans_datum]
+        matching = [item for item in other if item["answer"] == res_ans]
+        gt_acc.append(min(1, float(len(matching)) / 3))
+    return float(sum(gt_acc)) / len(gt_acc)
+
+
 def ref_vqa(prediction, answers):
     """vqaEval.evaluate for one question at GT-Vision-Lab/VQA a013f00 (2021-03-11, the current script; its logic
     re-derived here): answers are dicts with ids as in the annotation files; both sides stripped; normalized on both
@@ -74,12 +85,7 @@ def ref_vqa(prediction, answers):
         for ans_dic in gts:
             ans_dic["answer"] = ref_process_digit_article(ref_process_punctuation(ans_dic["answer"]))
         res_ans = ref_process_digit_article(ref_process_punctuation(res_ans))
-    gt_acc = []
-    for gt_ans_datum in gts:
-        other = [item for item in gts if item != gt_ans_datum]
-        matching = [item for item in other if item["answer"] == res_ans]
-        gt_acc.append(min(1, float(len(matching)) / 3))
-    return float(sum(gt_acc)) / len(gt_acc)
+    return ref_leave_one_out(gts, res_ans)
 
 
 def ref_vqa_2016(prediction, answers):
@@ -92,12 +98,7 @@ def ref_vqa_2016(prediction, answers):
     if len(set(gt_answers)) > 1:
         for ans_dic in gts:
             ans_dic["answer"] = ref_process_punctuation(ans_dic["answer"])
-    gt_acc = []
-    for gt_ans_datum in gts:
-        other = [item for item in gts if item != gt_ans_datum]
-        matching = [item for item in other if item["answer"] == res_ans]
-        gt_acc.append(min(1, float(len(matching)) / 3))
-    return float(sum(gt_acc)) / len(gt_acc)
+    return ref_leave_one_out(gts, res_ans)
 
 
 def ref_levenshtein(s1, s2):
