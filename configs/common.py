@@ -35,6 +35,11 @@ def base() -> ml_collections.ConfigDict:
     # freeze: a regex over parameter paths (e.g. r"visual/blocks_([0-9]|1[0-5])/": the first 16 ViT blocks) on top
     # of the stage; lr_multipliers: "PATTERN=M;PATTERN=M" (e.g. "visual/blocks=0.1;visual/merger=1"), first match
     # wins. Paths and semantics: training/param_groups.py
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0,  # > 0: train low-rank adapters only, the base frozen (qwen2vl_jax/lora.py)
+        alpha=16.0, dropout=0.0,
+        targets="",  # regex over Linear module paths; "" = the decoder's q/k/v/o and MLP projections
+        base_dtype="bfloat16"))  # the frozen base's storage: "bfloat16" | "float32" | "int8" (the adapted layers)
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.log_every = 10

@@ -142,6 +142,7 @@ class Qwen2VLConfig:
     attention: str = "auto"  # qwen2vl_jax.attention.IMPLEMENTATIONS; auto: splash on TPU, cuDNN on GPU (bf16), XLA
     remat: str = "none"  # rematerialization of each layer's activations in the backward pass: see REMAT_POLICIES
     generation: GenerationDefaults = GenerationDefaults()  # generation_config.json; not written by to_hf_dict
+    lora: Any = None  # qwen2vl_jax.lora.LoraConfig: adapters beside the matched linear layers; not in to_hf_dict
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:

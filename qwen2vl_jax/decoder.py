@@ -26,7 +26,7 @@ class SelfAttention(nn.Module):
         place, instead of each layer copying its slice of the cache)."""
         t, dt, pdt = self.config.text, self.config.dtype, self.config.param_dtype
         proj = lambda heads, axis, name: Linear((heads, t.head_dim), ("embed", axis, "head_dim"), dtype=dt,
-                                                param_dtype=pdt, name=name)(x)
+                                                param_dtype=pdt, lora=self.config.lora, name=name)(x)
         q = apply_rotary(proj(t.num_attention_heads, "heads", "q_proj"), cos, sin)
         k = apply_rotary(proj(t.num_key_value_heads, "kv_heads", "k_proj"), cos, sin)
         v = proj(t.num_key_value_heads, "kv_heads", "v_proj")
@@ -42,7 +42,7 @@ class SelfAttention(nn.Module):
             after_read = 0 * out[:1, :1, :1, :1].astype(k.dtype)
             kv = (k + after_read, v + after_read)
         out = Linear((t.hidden_size,), ("heads", "head_dim", "embed"), in_ndim=2, use_bias=False, dtype=dt,
-                     param_dtype=pdt, name="o_proj")(out)
+                     param_dtype=pdt, lora=self.config.lora, name="o_proj")(out)
         return out, kv
 
 
@@ -52,7 +52,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         t, dt, pdt = self.config.text, self.config.dtype, self.config.param_dtype
-        dense = lambda size, axes, name: Linear((size,), axes, use_bias=False, dtype=dt, param_dtype=pdt, name=name)
+        dense = lambda size, axes, name: Linear((size,), axes, use_bias=False, dtype=dt, param_dtype=pdt,
+                                                lora=self.config.lora, name=name)
         h = jax.nn.silu(dense(t.intermediate_size, ("embed", "mlp"), "gate_proj")(x))
         h = h * dense(t.intermediate_size, ("embed", "mlp"), "up_proj")(x)
         return dense(t.hidden_size, ("mlp", "embed"), "down_proj")(h)
@@ -90,7 +91,7 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(t.rms_norm_eps, self.config.dtype, pdt)
         if not t.tie_word_embeddings:
             self.lm_head = Linear((t.vocab_size,), ("embed", "vocab"), use_bias=False, dtype=self.config.dtype,
-                                  param_dtype=pdt)
+                                  param_dtype=pdt, lora=self.config.lora)
 
     def embed(self, input_ids):
         """input_ids: int[B, L] → [B, L, D] in the compute dtype."""

@@ -1,13 +1,15 @@
 """Small building blocks: a general linear layer with logical axis names, RMSNorm and LayerNorm in float32."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Axes = Sequence[str | None]
+# the model's layer stacks, (top module, stack name): under scan_layers their params carry a leading layer axis
+STACKS = frozenset({("visual", "blocks"), ("language_model", "layers")})
 
 
 def layer_stack(layer: type[nn.Module], config, count: int, name: str | None = None, scanned_args: int = 0,
@@ -21,7 +23,7 @@ def layer_stack(layer: type[nn.Module], config, count: int, name: str | None = N
     if config.remat != "none":
         layer = nn.remat(layer, policy=policies[config.remat], prevent_cse=not config.scan_layers)
     if config.scan_layers:
-        return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        return nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                        in_axes=(nn.broadcast,) * 3 + (0,) * scanned_args, length=count,
                        metadata_params={nn.PARTITION_NAME: "layers"})(config, name=name, **kwargs)
     return [layer(config, name=None if name is None else f"{name}_{i}", **kwargs) for i in range(count)]
@@ -50,21 +52,34 @@ class Linear(nn.Module):
     """y = x · kernel (+ bias), contracting the last `in_ndim` axes of x.
 
     kernel: [*in_shape, *out_shape] with logical `axes` (one name per kernel dim); bias: out_shape.
-    Inputs and kernel are cast to `dtype` (the matmul dtype); the result stays in `dtype`."""
+    Inputs and kernel are cast to `dtype` (the matmul dtype); the result stays in `dtype`. Where `lora` (a
+    qwen2vl_jax.lora.LoraConfig) matches this layer's path, a low-rank adapter is added (and with its int8 base the
+    kernel is int8 with a per-output-channel `kernel_scale`): see qwen2vl_jax/lora.py."""
     out_shape: tuple[int, ...]
     axes: Axes
     in_ndim: int = 1
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         in_shape = x.shape[x.ndim - self.in_ndim:]
-        kernel = param_with_axes(self, "kernel", nn.initializers.normal(0.02), (*in_shape, *self.out_shape),
-                                 self.param_dtype, self.axes)
+        adapted = self.lora is not None and self.lora.matches(self.path)
+        int8 = adapted and self.lora.quantized
+        init = nn.initializers.zeros if int8 else nn.initializers.normal(0.02)  # int8: lora.quantize fills it
+        kernel = param_with_axes(self, "kernel", init, (*in_shape, *self.out_shape),
+                                 jnp.int8 if int8 else self.param_dtype, self.axes)
         contract = (tuple(range(x.ndim - self.in_ndim, x.ndim)), tuple(range(self.in_ndim)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        if int8:  # integers up to 127 are exact in bf16; the scale applies to the output, per channel
+            scale = param_with_axes(self, "kernel_scale", nn.initializers.ones, self.out_shape, jnp.float32,
+                                    self.axes[self.in_ndim:])
+            y = y * scale.astype(self.dtype)
+        if adapted:
+            from qwen2vl_jax.lora import adapter_delta  # lora.py builds on this module
+            y = y + adapter_delta(self, x, self.in_ndim, self.out_shape, self.axes, self.lora, self.dtype)
         if self.use_bias:
             bias = param_with_axes(self, "bias", nn.initializers.zeros, self.out_shape, self.param_dtype,
                                    self.axes[self.in_ndim:])

@@ -28,12 +28,12 @@ class VisionAttention(nn.Module):
         """x: [S, N, E]; cos, sin: float32[S, N, hd]; segment_ids: int32[S, N] → [S, N, E]."""
         v, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
         qkv = Linear((3, v.num_heads, v.head_dim), ("embed", None, "heads", "head_dim"), dtype=dt, param_dtype=pdt,
-                     name="qkv")(x)
+                     lora=self.config.lora, name="qkv")(x)
         q, k, val = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]  # [S, N, H, hd]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = dot_product_attention(q, k, val, segment_ids=segment_ids, implementation=self.config.attention)
         return Linear((v.embed_dim,), ("heads", "head_dim", "embed"), in_ndim=2, dtype=dt, param_dtype=pdt,
-                      name="proj")(out)
+                      lora=self.config.lora, name="proj")(out)
 
 
 class VisionMLP(nn.Module):
@@ -43,7 +43,8 @@ class VisionMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         v, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
-        linear = lambda width, axes, name: Linear((width,), axes, dtype=dt, param_dtype=pdt, name=name)
+        linear = lambda width, axes, name: Linear((width,), axes, dtype=dt, param_dtype=pdt, lora=self.config.lora,
+                                                  name=name)
         if v.windowed:
             h = jax.nn.silu(linear(v.mlp_dim, ("embed", "mlp"), "gate_proj")(x)) * \
                 linear(v.mlp_dim, ("embed", "mlp"), "up_proj")(x)
@@ -85,9 +86,11 @@ class PatchMerger(nn.Module):
         v, dt, pdt = self.config.vision, self.config.dtype, self.config.param_dtype
         group = v.spatial_merge_size**2
         x = vision_norm(self.config, "ln_q")(x).reshape(*x.shape[:-2], -1, group * v.embed_dim)
-        x = Linear((group * v.embed_dim,), ("embed", "mlp"), dtype=dt, param_dtype=pdt, name="mlp_0")(x)
+        x = Linear((group * v.embed_dim,), ("embed", "mlp"), dtype=dt, param_dtype=pdt,
+                   lora=self.config.lora, name="mlp_0")(x)
         x = jax.nn.gelu(x, approximate=False)
-        return Linear((v.hidden_size,), ("mlp", "embed"), dtype=dt, param_dtype=pdt, name="mlp_2")(x)
+        return Linear((v.hidden_size,), ("mlp", "embed"), dtype=dt, param_dtype=pdt,
+                      lora=self.config.lora, name="mlp_2")(x)
 
 
 class VisionTransformer(nn.Module):

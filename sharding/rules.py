@@ -26,6 +26,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("layers", None),
+    ("lora_rank", None),  # LoRA (qwen2vl_jax/lora.py): A [*in, rank] and B [rank, *out] split like their kernel
 )
 
 # Generation (inference) variant: parameters are not split over fsdp ("embed" replicated), so a decode step never
@@ -88,14 +89,24 @@ def generation_rules(mesh: Mesh, rules=GENERATION_RULES):
 
 
 def opt_state_shardings(optimizer, params_shardings: dict, abstract_params: dict, mesh: Mesh):
-    """Optimizer state shardings: moments follow their parameter, everything else (counts) is replicated."""
-    import optax
-
+    """Optimizer state shardings: a moment follows its parameter — the state leaf whose key path ends in a
+    parameter's path with that parameter's shape (so masked states, e.g. frozen parameters under
+    optax.multi_transform, map too) — and everything else (counts) is replicated."""
     state = jax.eval_shape(optimizer.init, abstract_params)
+    keys = lambda path: tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+    owners = {keys(path): (leaf.shape, sharding) for (path, leaf), sharding in
+              zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree_util.tree_leaves(params_shardings))}
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(optimizer, lambda _, sharding: sharding, state, params_shardings,
-                                 transform_non_params=lambda _: replicated,
-                                 is_leaf=lambda x: isinstance(x, NamedSharding))
+
+    def owner(path, leaf):
+        names = keys(path)
+        for start in range(len(names)):
+            shape, sharding = owners.get(names[start:], (None, None))
+            if shape == leaf.shape:
+                return sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(owner, state)
 
 
 # logical names of the batch arrays (training/step.py's layout); other keys are replicated. The vision arrays carry

@@ -23,7 +23,12 @@ def export_params(directory: str, config: Qwen2VLConfig, params, tokenizer_dir: 
                   pixel_bounds: dict | None = None) -> str:
     """Writes `params` (global jax arrays, any sharding; every process calls this) into `directory`, replacing an
     earlier export; `pixel_bounds` ({"min_pixels", "max_pixels"}, the training data's) go into
-    preprocessor_config.json, so inference resizes images as training did. → directory."""
+    preprocessor_config.json, so inference resizes images as training did. With LoRA (config.lora) the folder holds
+    the merged weights (W + (alpha/rank)·A·B, in param_dtype) for the base config. → directory."""
+    if config.lora is not None:
+        from qwen2vl_jax import lora
+        params = jax.jit(lambda p: lora.merged(config, p, config.param_dtype))(params)
+        config = config.replace(lora=None)
     out = epath.Path(directory)
     if jax.process_index() == 0 and out.exists():
         out.rmtree()

@@ -20,11 +20,12 @@ import re
 import jax
 import numpy as np
 
+from qwen2vl_jax.layers import STACKS
+
 GROUPS = ("vision", "merger", "llm")
 # The paper's three stages, as the parameter groups each one trains (the rest stays bit-identical):
 # 1 the ViT (+ merger) on image-text pairs with the LLM frozen, 2 everything, 3 the LLM + merger with the ViT frozen.
 STAGES = {"vision": ("vision", "merger"), "all": GROUPS, "llm": ("llm", "merger")}
-STACKS = {("visual", "blocks"), ("language_model", "layers")}  # nn.scan stacks: a leading layer axis
 
 
 def group_of(path: tuple) -> str:
@@ -114,3 +115,15 @@ def trains(scales):
 def is_uniform(scales) -> bool:
     """Whether every leaf is wholly frozen or wholly at multiplier 1 (nothing for the optimizer to scale)."""
     return all(np.all(s == 0) or np.all(s == 1) for s in jax.tree.leaves(scales))
+
+
+def adapters_only(scales):
+    """`scales` with every leaf but the LoRA adapters (qwen2vl_jax.lora) at 0: a LoRA run trains its adapters
+    only, the stage and patterns choosing among them. ValueError when no adapter trains."""
+    from qwen2vl_jax.lora import is_adapter
+
+    kept = jax.tree_util.tree_map_with_path(lambda path, s: s if is_adapter(path) else np.zeros_like(s), scales)
+    if not any(np.any(s > 0) for s in jax.tree.leaves(kept)):
+        raise ValueError("LoRA trains no adapter: lora.targets matches no linear layer the stage trains (the stage "
+                         "'vision' trains the ViT and merger, 'llm' the decoder and merger, 'all' every group)")
+    return kept

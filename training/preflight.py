@@ -21,7 +21,8 @@ RESUMABLE_CHANGES = frozenset({"steps", "log_every", "checkpoint_every", "keep_c
                                "compile_cache", "demo_eval", "max_nonfinite_steps", "data.workers", "data.eval",
                                "data.demo_set", "data.data_dir"})
 # fields added since a checkpoint may have been written: absent there equals their default here
-ADDED_FIELDS = {"optim.freeze": "", "optim.lr_multipliers": ""}
+ADDED_FIELDS = {"optim.freeze": "", "optim.lr_multipliers": "", "lora.rank": 0, "lora.alpha": 16.0,
+                "lora.dropout": 0.0, "lora.targets": "", "lora.base_dtype": "bfloat16"}
 
 
 class PreflightError(ValueError):

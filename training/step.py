@@ -49,9 +49,13 @@ def _gate(param, scale):
 def scale_updates(scales) -> optax.GradientTransformation:
     """Multiplies each update by its parameter's scale (per layer for stacked leaves): learning-rate multipliers,
     and exact zeros for frozen layers of a partly frozen stack. Stateless."""
+    def one(u, s):
+        if u.ndim < np.ndim(s):  # a wholly frozen leaf's scalar 0 (training.step.gradients)
+            return u
+        return u * jnp.asarray(s, u.dtype).reshape(np.shape(s) + (1,) * (u.ndim - np.ndim(s)))
+
     def apply(updates, params=None):
-        return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype).reshape(np.shape(s) + (1,) * (u.ndim - np.ndim(s))),
-                            updates, scales)
+        return jax.tree.map(one, updates, scales)
     return optax.stateless(apply)
 
 
@@ -112,21 +116,51 @@ def selected_cross_entropy(hidden: jax.Array, apply_head, loss_index: jax.Array,
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def loss_fn(params, batch: dict, config: Qwen2VLConfig, trainable=None) -> tuple[jax.Array, jax.Array]:
+def loss_fn(params, batch: dict, config: Qwen2VLConfig, trainable=None, rng=None) -> tuple[jax.Array, jax.Array]:
     """→ (mean loss over labelled tokens, their count). Frozen parameters (trainable False, or scale 0: a bool tree or
-    training.param_groups scales) get no gradient, so XLA drops their backward pass. With batch["loss_index"] / ["loss_targets"] (data_pipeline.batching adds them) the
-    head runs on those positions only; otherwise on all of them, shifted labels as in Hugging Face."""
+    training.param_groups scales) get no gradient, so XLA drops their backward pass. With batch["loss_index"] /
+    ["loss_targets"] (data_pipeline.batching adds them) the head runs on those positions only; otherwise on all of
+    them, shifted labels as in Hugging Face. `rng` (a key): the "dropout" stream of stochastic layers (LoRA dropout)."""
     if trainable is not None:
         params = jax.tree_util.tree_map(_gate, params, trainable)
     model = Qwen2VL(config)
+    rngs = {} if rng is None else {"dropout": rng}
+    apply = lambda *args, **kwargs: model.apply({"params": params}, *args, rngs=rngs, **kwargs)
     args = (batch["input_ids"], batch["prepared"], batch.get("vision_pixels"))
     if "loss_index" in batch:
-        hidden = model.apply({"params": params}, *args, method=Qwen2VL.hidden_states)
-        head = lambda x: model.apply({"params": params}, x, method=Qwen2VL.logits)
+        hidden = apply(*args, method=Qwen2VL.hidden_states)
+        head = lambda x: apply(x, method=Qwen2VL.logits)
         total, count = selected_cross_entropy(hidden, head, batch["loss_index"], batch["loss_targets"])
     else:
-        total, count = cross_entropy(model.apply({"params": params}, *args, method=Qwen2VL.forward), batch["labels"])
+        total, count = cross_entropy(apply(*args, method=Qwen2VL.forward), batch["labels"])
     return total / jnp.maximum(count, 1), count
+
+
+def _differentiated(trainable, params):
+    """Per leaf: whether the step takes its gradient — a leaf trained in some layer; never an integer (int8 base)."""
+    if trainable is None:
+        return jax.tree.map(lambda p: jnp.issubdtype(p.dtype, jnp.inexact), params)
+    return jax.tree.map(lambda t, p: bool(np.any(np.asarray(t) > 0)) and jnp.issubdtype(p.dtype, jnp.inexact),
+                        trainable, params)
+
+
+def gradients(params, batch: dict, config: Qwen2VLConfig, trainable=None, rng=None):
+    """→ ((loss, count), grads like params): the loss differentiated with respect to the trained leaves only; a
+    frozen leaf's gradient is a scalar 0 of its dtype (no full-size zeros, and int8 leaves are never differentiated)."""
+    taken = _differentiated(trainable, params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    flags = treedef.flatten_up_to(taken)
+    trained = [leaf for leaf, flag in zip(leaves, flags) if flag]
+
+    def loss_of(trained):
+        it = iter(trained)
+        full = [next(it) if flag else leaf for leaf, flag in zip(leaves, flags)]
+        return loss_fn(jax.tree_util.tree_unflatten(treedef, full), batch, config, trainable, rng)
+
+    value, grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+    it = iter(grads)
+    full = [next(it) if flag else jnp.zeros((), leaf.dtype) for leaf, flag in zip(leaves, flags)]
+    return value, jax.tree_util.tree_unflatten(treedef, full)
 
 
 def init_state(params, optimizer, seed: int = 0) -> TrainState:
@@ -138,11 +172,13 @@ def train_step(state: TrainState, batch: dict, *, config: Qwen2VLConfig, optimiz
                trainable=None) -> tuple[TrainState, dict]:
     """Forward, backward and one optimizer update → (new state, {"loss", "grad_norm", "tokens"}); `trainable` as in
     make_optimizer (pass the same tree to both)."""
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, config, trainable)
+    keys = None if state.rng is None else jax.random.split(jax.random.wrap_key_data(state.rng))
+    dropout = keys[1] if keys is not None and config.lora is not None and config.lora.dropout else None
+    (loss, count), grads = gradients(state.params, batch, config, trainable, dropout)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "tokens": count}
-    rng = None if state.rng is None else jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    rng = None if keys is None else jax.random.key_data(keys[0])
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
 
 

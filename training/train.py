@@ -29,7 +29,9 @@ from etils import epath
 from data_pipeline.hosts import HostAgreement
 from data_pipeline.pipeline import training_batches
 from qwen2vl_jax.compiles import CompileCache, CompileCounter
+from qwen2vl_jax import lora
 from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.lora import DECODER_TARGETS, LoraConfig
 from qwen2vl_jax.model import abstract_params, init_params
 from qwen2vl_jax.processing import Processor
 from sharding.mesh import initialize_distributed, make_mesh
@@ -38,7 +40,7 @@ from training import preflight
 from training.checkpoints import Checkpoints, Preemption
 from training.interrupts import Interrupted, StopBeforeFirstStep
 from training.metrics import MetricsWriter
-from training.param_groups import is_uniform, trains, update_scales
+from training.param_groups import adapters_only, is_uniform, trains, update_scales
 from training.step import (init_state, jit_train_step, learning_rate_schedule, make_optimizer, skipped_streak,
                            state_shardings)
 
@@ -73,16 +75,43 @@ def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor]
             vision_start_token_id=tok.token_to_id("<|vision_start|>"),
             vision_end_token_id=tok.token_to_id("<|vision_end|>"), bos_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_ids[0], pad_token_id=tok.pad_token_id, **overrides)
+    spec = lora_config(config)
+    if spec is not None:  # the frozen base is stored in lora.base_dtype (bf16 outside the int8 layers)
+        model_config = model_config.replace(lora=spec, param_dtype="float32" if spec.base_dtype == "float32"
+                                            else "bfloat16")
     return model_config, processor
 
 
+def lora_config(config) -> LoraConfig | None:
+    """config.lora as a qwen2vl_jax.lora.LoraConfig, or None when lora.rank is 0; PreflightError for bad values."""
+    fields = config.get("lora")
+    if not fields or not fields.rank:
+        return None
+    try:
+        return LoraConfig(rank=fields.rank, alpha=float(fields.alpha), dropout=float(fields.dropout),
+                          targets=fields.targets or DECODER_TARGETS, base_dtype=fields.base_dtype)
+    except ValueError as error:
+        raise preflight.PreflightError(str(error)) from None
+
+
 def initial_params(config, model_config: Qwen2VLConfig, mesh) -> dict:
-    """init_from's params (each device reads its slice, cast to param_dtype) or a seeded random init, sharded."""
+    """init_from's params (each device reads its slice, cast to param_dtype) or a seeded random init, sharded; with
+    LoRA, that base + fresh adapters, the adapted kernels quantized for an int8 base."""
+    base_config = model_config.replace(lora=None)
     if config.init_from:
         from qwen2vl_jax.checkpoint.load import load
-        return load(config.init_from, dtype=model_config.param_dtype, mesh=mesh,
+        base = load(config.init_from, dtype=model_config.param_dtype, mesh=mesh,
                     scan_layers=model_config.scan_layers)[1]
-    return init_params(model_config, config.seed, param_shardings(model_config, mesh))
+    else:
+        base = init_params(base_config, config.seed, param_shardings(base_config, mesh))
+    if model_config.lora is None:
+        return base
+    shardings = param_shardings(model_config, mesh)
+    params = lora.merge_trees(base, lora.init_adapters(model_config, config.seed, lora.split(shardings)[1]))
+    if model_config.lora.quantized:
+        params = jax.jit(functools.partial(lora.quantize, model_config), out_shardings=shardings,
+                         donate_argnums=0)(params)
+    return params
 
 
 def demo_tokenizer_dir(workdir: str) -> str:
@@ -191,6 +220,8 @@ def _train(config, workdir: str, guard: StopBeforeFirstStep) -> dict:
         o = config.optim
         try:  # which parameters train and at what rate: a bad pattern stops here, before any compile
             scales = update_scales(shapes, config.stage, o.get("freeze", ""), o.get("lr_multipliers", ""))
+            if model_config.lora is not None:
+                scales = adapters_only(scales)
         except ValueError as error:
             raise preflight.PreflightError(str(error)) from None
         # steps counts batches; with grad_accum k the optimizer makes steps / k updates (warmup_steps counts updates)
