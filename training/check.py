@@ -248,33 +248,48 @@ def spread(values: np.ndarray) -> dict:
 
 class _ShardRecords:
     """One batch shard's records (s, s + S, … in file order) through `tally`: what pipeline.ShardRecords gives the
-    batcher (open, per_pass, name), so data_pipeline.batching packs them as training would."""
+    batcher (open, per_pass, name), so data_pipeline.batching packs them as training would. The records repeat (as
+    data.num_epochs=None repeats them) so the last batches are full; only the first pass is tallied, and a pass
+    without one usable example ends the stream."""
 
     def __init__(self, indices: range, source, tally: Tally, bar):
         self.indices, self.source, self.tally, self.bar = indices, source, tally, bar
         self.per_pass = len(indices) + 1  # never "a whole pass failed": the report counts failures itself
         self.name = "check"
-        self.live = None
+        self.live, self.done = None, False  # done: the first pass is read
+        self.empty = False  # its first pass held no usable record (training stops with NoUsableRecords)
 
     def open(self, position: int):
         self.live = self._examples(position)
         return self.live
 
     def _examples(self, position: int):
-        for index in self.indices[position:]:
-            example = self.tally.add(index, self.source[index])
-            self.bar.update()
-            yield example
+        while True:
+            usable = False
+            for index in self.indices[position:]:
+                if self.done:
+                    example = self.tally.transform.map(self.source[index])
+                else:
+                    example = self.tally.add(index, self.source[index])
+                    self.bar.update()
+                usable |= "error" not in example
+                yield example
+            self.empty |= not self.done and not usable
+            self.done, position = True, 0
+            if not usable:
+                return
 
     def drain(self) -> None:
-        """Reads the records the batcher did not reach (another shard ran out first)."""
-        for _ in self.live if self.live is not None else self.open(0):
+        """Reads the rest of the first pass when the batcher stopped early (a shard with no usable record)."""
+        live = self.live if self.live is not None else self.open(0)
+        while not self.done and next(live, None) is not None:
             pass
 
 
 def pack(source, tally: Tally, layout, progress: bool = True) -> dict:
-    """Every record through `tally` and the examples through the training's batcher → {"batches", "efficiency" (real
-    / padded tokens), "vision_efficiency" (real / padded vision rows), "shapes": distinct (L, V) batch shapes}."""
+    """Every record through `tally` and the examples through the training's batcher until each batch shard has read
+    its records once → {"batches", "efficiency" (real / padded tokens), "vision_efficiency" (real / padded vision
+    rows), "shapes": distinct (L, V) batch shapes, the token and row totals}."""
     from tqdm import tqdm
 
     from data_pipeline.batching import BatchIterator
@@ -293,13 +308,16 @@ def pack(source, tally: Tally, layout, progress: bool = True) -> dict:
                             if "vision_pixels" in batch else 0))
                 for key in totals:
                     totals[key] += int(batch["stats"][key])
+                if all(shard.done for shard in shards):
+                    break
             for shard in shards:
                 shard.drain()
     finally:
         quiet.level = level
     return {"batches": batches, "efficiency": totals["real_tokens"] / max(totals["padded_tokens"], 1),
             "vision_efficiency": totals["real_vision_rows"] / max(totals["padded_vision_rows"], 1),
-            "shapes": sorted(shapes), **totals}
+            "shapes": sorted(shapes), "empty_shards": [s for s, shard in enumerate(shards) if shard.empty],
+            **totals}
 
 
 def plan_memory(config, model_config, mesh: dict) -> dict:
@@ -361,6 +379,11 @@ def problems(report: dict) -> list[str]:
     if report["dropped"]["count"]:
         out.append(f"{report['dropped']['count']} samples are dropped: raise the ladders' top rungs "
                    "(data.length_buckets, data.vision_buckets), lower data.max_pixels, or shorten them")
+    empty = report["packing"]["empty_shards"]
+    if empty:
+        out.append(f"batch shards {empty} of {report['config']['mesh']['batch_shards']} (each reads every "
+                   f"{report['config']['mesh']['batch_shards']}th record) have no usable record: training would stop "
+                   "(NoUsableRecords); fix the records or use fewer batch shards")
     if report["memory"].get("fits") is False:
         out.append(f"the step does not fit on {report['memory']['chip']}: lower data.batch_size or the top rungs, "
                    "shard more (config.mesh), or use a chip with more HBM")
@@ -391,7 +414,7 @@ def format_report(report: dict) -> str:
                      f"p90 {s['p90']:g}, max {s['max']}")
     p = report["packing"]
     lines.append(f"packing ({'packed' if c['pack'] else 'one example per row'}, {c['mesh']['batch_shards']} batch "
-                 f"shards, file order): {p['batches']} batches, {100 * p['efficiency']:.1f} % of padded tokens real, "
+                 f"shards, file order, repeated until each shard read its records): {p['batches']} batches, {100 * p['efficiency']:.1f} % of padded tokens real, "
                  f"{100 * p['vision_efficiency']:.1f} % of vision rows")
     m = report["memory"]
     if "compiler" in m:
