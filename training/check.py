@@ -414,8 +414,9 @@ def format_report(report: dict) -> str:
                      f"p90 {s['p90']:g}, max {s['max']}")
     p = report["packing"]
     lines.append(f"packing ({'packed' if c['pack'] else 'one example per row'}, {c['mesh']['batch_shards']} batch "
-                 f"shards, file order, repeated until each shard read its records): {p['batches']} batches, {100 * p['efficiency']:.1f} % of padded tokens real, "
-                 f"{100 * p['vision_efficiency']:.1f} % of vision rows")
+                 f"shards, file order, repeated until each shard read its records): {p['batches']} batches, "
+                 f"{100 * p['efficiency']:.1f} % of padded tokens real, {100 * p['vision_efficiency']:.1f} % of "
+                 "vision rows")
     m = report["memory"]
     if "compiler" in m:
         lines.append(f"memory plan: {m['compiler']} ({m['compiler_reason']}), batch {m['batch']} × {m['seq']} "
