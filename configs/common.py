@@ -10,6 +10,7 @@ def base() -> ml_collections.ConfigDict:
     c.steps = 1000
     c.stage = "all"  # "vision" (ViT + merger) | "all" | "llm" (LLM + merger, ViT frozen): training.step.STAGES
     c.mesh = "fsdp=-1"  # mesh axes within a slice (data, fsdp, tensor, sequence; -1 = the rest of the devices)
+    c.chip = ""  # the TPU chip the run is for (v4, v5e, v5p, v6e): --check plans the step's memory on it; "" = none
     c.dcn_mesh = ""  # axes across slices (multi-slice), e.g. "data=2"
     c.init_from = ""  # a converted checkpoint folder (qwen2vl-convert; local or gs://); "" = random init from preset
     c.tokenizer = ""  # folder with tokenizer.json + preprocessor_config.json; "" = init_from's; "demo" = the demo's

@@ -54,14 +54,9 @@ def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, 
     and decodes only its devices' share. `hosts`: a hosts.HostAgreement when several processes build one batch."""
     check_token_ids(processor, model_config)
     processor = with_pixel_bounds(processor, data.min_pixels, data.max_pixels, data.get("video_total_pixels"))
-    layout = BatchLayout(rows=data.batch_size, lengths=tuple(data.length_buckets),
-                         vision_rows=tuple(data.vision_buckets), pack=data.pack, config=model_config,
-                         loss_fractions=tuple(data.get("loss_fractions", BatchLayout.loss_fractions)), shards=shards)
+    layout = batch_layout(model_config, data, shards)
     shard_ids = tuple(range(shards) if shard_ids is None else shard_ids)
-    transform = ToExample(processor, max_length=max(data.length_buckets),
-                          max_vision_rows=max(layout.shard_vision_rows), truncate=data.truncate,
-                          tokens_per_second=model_config.vision.tokens_per_second if model_config.vision.windowed
-                          else None, model_type=model_config.model_type)
+    transform = ToExample(processor, **example_options(model_config, data, layout))
     workers = max(data.workers // len(shard_ids), 1) if data.workers else 0
     if workers:
         from absl import flags
@@ -84,6 +79,21 @@ def training_batches(source, processor: Processor, model_config: Qwen2VLConfig, 
         streams.append(ShardRecords(ds.repeat(data.num_epochs).map(transform), per_pass, read, workers,
                                     f"{name} (batch shard {s} of {shards})" if shards > 1 else name))
     return Batches(streams, layout, shard_ids, hosts)
+
+
+def batch_layout(model_config: Qwen2VLConfig, data, shards: int = 1) -> BatchLayout:
+    """The BatchLayout the data config asks for, over `shards` batch shards."""
+    return BatchLayout(rows=data.batch_size, lengths=tuple(data.length_buckets),
+                       vision_rows=tuple(data.vision_buckets), pack=data.pack, config=model_config,
+                       loss_fractions=tuple(data.get("loss_fractions", BatchLayout.loss_fractions)), shards=shards)
+
+
+def example_options(model_config: Qwen2VLConfig, data, layout: BatchLayout) -> dict:
+    """ToExample's keyword arguments for a run: the largest length rung, the largest per-shard vision rung, the
+    truncation switch and the model family's video time scale and box format."""
+    return dict(max_length=max(data.length_buckets), max_vision_rows=max(layout.shard_vision_rows),
+                truncate=data.truncate, model_type=model_config.model_type,
+                tokens_per_second=model_config.vision.tokens_per_second if model_config.vision.windowed else None)
 
 
 @dataclasses.dataclass(frozen=True)

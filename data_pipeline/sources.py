@@ -150,6 +150,10 @@ class JsonlSource:
     def __len__(self) -> int:
         return len(self._offsets)
 
+    def line(self, index: int) -> int:
+        """The file's line number (from 1) of record `index` (blank lines hold no record)."""
+        return int(self._lines[index])
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_file"] = state["_lock"] = None  # file handles and locks are per process

@@ -19,9 +19,9 @@ from etils import epath
 # fields a resumed run may change: they decide neither the state nor the data order
 RESUMABLE_CHANGES = frozenset({"steps", "log_every", "checkpoint_every", "keep_checkpoints", "tensorboard",
                                "compile_cache", "demo_eval", "max_nonfinite_steps", "data.workers", "data.eval",
-                               "data.demo_set", "data.data_dir"})
+                               "data.demo_set", "data.data_dir", "chip"})
 # fields added since a checkpoint may have been written: absent there equals their default here
-ADDED_FIELDS = {"optim.freeze": "", "optim.lr_multipliers": "", "lora.rank": 0, "lora.alpha": 16.0,
+ADDED_FIELDS = {"optim.freeze": "", "optim.lr_multipliers": "", "chip": "", "lora.rank": 0, "lora.alpha": 16.0,
                 "lora.dropout": 0.0, "lora.targets": "", "lora.base_dtype": "bfloat16"}
 
 

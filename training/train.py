@@ -365,6 +365,8 @@ def main(argv=None) -> None:
 
     config_flags.DEFINE_config_file("config", None, "experiment config file (configs/NAME.py)", lock_config=True)
     flags.DEFINE_string("workdir", None, "run folder (local or gs://): checkpoints, metrics, results")
+    flags.DEFINE_bool("check", False, "pre-flight check only: read the train file, bucket and pack it, plan the step's "
+                      "memory on --config.chip; report to stdout and WORKDIR/check.json (training/check.py)")
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_):
@@ -377,6 +379,9 @@ def main(argv=None) -> None:
         for ours in ("training", "data_pipeline"):
             logging.getLogger(ours).setLevel(logging.INFO)
         try:
+            if flags.FLAGS.check:
+                from training.check import check_command
+                sys.exit(check_command(flags.FLAGS.config, flags.FLAGS.workdir))
             summary = train(flags.FLAGS.config, flags.FLAGS.workdir)
         except Interrupted as e:  # everything was unwound (workers stopped, nothing committed); XLA may still
             log.error("%s", e)  # be compiling on other threads, so leave without the interpreter's teardown
