@@ -110,8 +110,10 @@ def analytic_bytes(config, mesh_shape: dict, batch: int, seq: int, patches_per_s
              + rows_local * config.vision.embed_dim * config.vision.depth) * act
     head_local = (batch * seq if head_positions is None else head_positions) / batch_ways
     logits = 2 * head_local * config.text.vocab_size / tensor * 4
-    return {"params": pbytes, "opt_state": 2 * pbytes, "grads": pbytes, "saved_activations": saved,
-            "logits_fp32_x2": logits, "total": 4 * pbytes + saved + logits}
+    full = config.lora is None  # LoRA: the adapters' moments and gradients are negligible (int8 counted as bf16)
+    opt, grads = (2 * pbytes, pbytes) if full else (0.0, 0.0)
+    return {"params": pbytes, "opt_state": opt, "grads": grads, "saved_activations": saved,
+            "logits_fp32_x2": logits, "total": pbytes + opt + grads + saved + logits}
 
 
 ATTENTION = ("auto", "pallas_tpu", "xla", "xla_dense")
@@ -152,13 +154,20 @@ def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", p
     from sharding.topology import plan_devices
     from training.step import TrainState, init_state, jit_train_step, make_optimizer, state_shardings
 
-    config = (config or Qwen2VLConfig.preset(preset)).replace(scan_layers=True, remat=remat, dtype=dtype,
-                                                              param_dtype=param_dtype,
-                                                              attention=model_attention(attention))
+    config = config or Qwen2VLConfig.preset(preset)
+    if config.lora is not None:  # the frozen base in the adapters' storage (training.train.model_and_processor)
+        param_dtype = "float32" if config.lora.base_dtype == "float32" else "bfloat16"
+    config = config.replace(scan_layers=True, remat=remat, dtype=dtype, param_dtype=param_dtype,
+                            attention=model_attention(attention))
     device_mesh = make_mesh(mesh, dcn=dcn, devices=plan_devices(topology, dcn))
-    optimizer = make_optimizer(1e-5, warmup_steps=10, total_steps=1000)
-    shardings = state_shardings(config, optimizer, device_mesh)
     params = nn.unbox(abstract_params(config))
+    scales = None
+    if config.lora is not None:  # adapters train, the base is frozen (no gradient, no optimizer state)
+        from training.param_groups import adapters_only, trains, update_scales
+        scales = adapters_only(update_scales(params, "all"))
+    optimizer = make_optimizer(1e-5, warmup_steps=10, total_steps=1000,
+                               trainable=None if scales is None else trains(scales))
+    shardings = state_shardings(config, optimizer, device_mesh)
     state = jax.eval_shape(lambda p: init_state(p, optimizer), params)
     with_sharding = lambda tree, s: jax.tree_util.tree_map(
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), tree, s)
@@ -175,7 +184,9 @@ def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", p
            "seq": seq, "patches_per_sample": patches_per_sample, "head_positions": batch * (seq // head_fraction
                                                                                             if head_fraction else seq), "remat": remat, "dtype": dtype, "attention": attention,
            "model_attention": config.attention,
-           "param_dtype": param_dtype, "layers": config.text.num_hidden_layers, "param_count": sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)),
+           "param_dtype": param_dtype, "lora": None if config.lora is None else dict(
+               rank=config.lora.rank, base_dtype=config.lora.base_dtype, targets=config.lora.targets),
+           "layers": config.text.num_hidden_layers, "param_count": sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)),
            "analytic_param_count": analytic_param_count(config)}
     (out["params_bytes"], out["params_per_device"]) = _bytes(state.params)
     (_, out["opt_state_per_device"]) = _bytes(state.opt_state)
@@ -184,7 +195,7 @@ def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", p
                                                 out["head_positions"])
     if not compile:
         return out
-    step = jit_train_step(config, optimizer, device_mesh, shardings, batch_sharding)
+    step = jit_train_step(config, optimizer, device_mesh, shardings, batch_sharding, scales)
     with jax.set_mesh(device_mesh):
         start = time.perf_counter()
         lowered = step.lower(state, batch_abstract)
@@ -257,7 +268,9 @@ def _report(result: dict, hbm: float | None) -> str:
         f"{result['preset']} ({result['layers']} layers): {result['param_count'] / 1e9:.3f} B params (analytic "
         f"{result['analytic_param_count'] / 1e9:.3f} B), mesh {result['mesh']} = {result['devices']} devices, "
         f"batch {result['batch']} × seq {result['seq']} + {result['patches_per_sample']} patches/sample, "
-        f"remat {result['remat']}, {result['dtype']} compute / {result['param_dtype']} params, attention "
+        f"remat {result['remat']}, {result['dtype']} compute / {result['param_dtype']} params"
+        + ("" if not result.get("lora") else f" + LoRA rank {result['lora']['rank']} ({result['lora']['base_dtype']} "
+           "base)") + ", attention "
         f"{result.get('model_attention', result['attention'])}",
         f"{'per device':<28}{'plan':>11}{'analytic':>14}",
         f"{'parameters':<28}{gb(result['params_per_device'])}{gb(a['params'])}",
@@ -327,12 +340,15 @@ def _report_compute(result: dict) -> list[str]:
     return lines
 
 
-def _config(preset: str, text_layers: int | None):
+def _config(preset: str, text_layers: int | None, lora_rank: int = 0, lora_base: str = "bfloat16"):
     import dataclasses
 
     from qwen2vl_jax import Qwen2VLConfig
+    from qwen2vl_jax.lora import LoraConfig
 
     config = Qwen2VLConfig.preset(preset)
+    if lora_rank:
+        config = config.replace(lora=LoraConfig(rank=lora_rank, alpha=2.0 * lora_rank, base_dtype=lora_base))
     return config if not text_layers else config.replace(
         text=dataclasses.replace(config.text, num_hidden_layers=text_layers))
 
@@ -353,6 +369,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="auto: the model picks from the devices compiled for (splash on TPU); pallas_tpu: splash;"
                              " xla: blockwise (flash-like) from 512 rows; xla_dense: full scores")
     parser.add_argument("--text-layers", type=int, help="override the preset's decoder depth (compile-time check)")
+    parser.add_argument("--lora-rank", type=int, default=0, help="> 0: plan LoRA fine-tuning (adapters on the "
+                                                                  "decoder's projections; base frozen)")
+    parser.add_argument("--lora-base", default="bfloat16", choices=["bfloat16", "float32", "int8"],
+                        help="how LoRA's frozen base is stored")
     parser.add_argument("--chip", choices=sorted(HBM), help="TPU generation: peak FLOP/s and ICI for the MFU "
                                                             "ceiling, and the default --hbm")
     parser.add_argument("--hbm", help=f"HBM per device, e.g. 16G or a chip name {sorted(HBM)}")
@@ -391,7 +411,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     result = plan(args.preset, args.mesh, args.batch, args.seq, remat=args.remat,
                   patches_per_sample=args.patches_per_sample, dtype=args.dtype, param_dtype=args.param_dtype,
-                  dcn=args.dcn, attention=args.attention, config=_config(args.preset, args.text_layers),
+                  dcn=args.dcn, attention=args.attention, config=_config(args.preset, args.text_layers, args.lora_rank, args.lora_base),
                   head_fraction=args.head_fraction, chip=args.chip or (args.hbm if args.hbm in HBM else None),
                   topology=compiler.topology, hlo_path=args.hlo)
     result["planner_seconds"] = time.perf_counter() - start

@@ -19,6 +19,7 @@ from qwen2vl_jax.checkpoint.mapping import stack_layers
 from qwen2vl_jax.model import Qwen2VL, abstract_params, init_params
 from training.param_groups import adapters_only, trains, update_scales
 from training.step import gradients, init_state, loss_fn, make_optimizer, train_step
+from test_train_cli import data_dir  # noqa: F401 (fixture)
 from training.train import HOST_KEYS, model_and_processor
 
 TARGETS = lora.DECODER_TARGETS + r"|^visual/merger/mlp_0$|^visual/blocks/attn/qkv$"
@@ -177,3 +178,35 @@ def test_eight_devices_give_one_devices_lora_step(setup):
     # leaves ~1e-6 (Adam's g/√v magnifies it where g is tiny), hence 5e-5
     for x, y in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
         np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=0, atol=5e-5)
+
+
+LORA_RUN = ("--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.base_dtype=int8",
+            "--config.lora.targets=" + TARGETS.replace("visual/blocks/", "visual/blocks(_\\d+)?/"),
+            "--config.optim.learning_rate=1e-2", "--config.checkpoint_every=3",
+            "--config.data.length_buckets=(64,128)", "--config.data.vision_buckets=(256,512)")
+
+
+def test_a_lora_run_resumes_bit_exactly(tmp_path, data_dir):  # noqa: F811 (test_train_cli's fixture)
+    """The train CLI with an int8 base: 6 steps straight, and 3 steps then a resumed run to 6, log the same losses
+    bit for bit and export the same merged weights; the checkpoints hold the int8 base."""
+    import orbax.checkpoint as ocp
+
+    from test_train_cli import command, finish, start
+    from training.metrics import read_metrics
+
+    runs = {}
+    for name, legs in (("straight", (6,)), ("resumed", (3, 6))):
+        workdir = tmp_path / name
+        for steps in legs:
+            log = str(tmp_path / f"{name}-{steps}.log")
+            finish(start(command(workdir, data_dir, *LORA_RUN, f"--config.steps={steps}",
+                                 f"--config.compile_cache={tmp_path / 'cache'}"), log), log)
+        runs[name] = workdir
+    losses = {name: {step: r["loss"] for step, r in read_metrics(str(w)).items()} for name, w in runs.items()}
+    assert sorted(losses["straight"]) == list(range(1, 7)) and losses["straight"] == losses["resumed"]
+    assert "resumed from step 3" in open(tmp_path / "resumed-6.log").read()
+    exports = {name: ocp.StandardCheckpointer().restore(str(w / "export" / "params")) for name, w in runs.items()}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), exports["straight"], exports["resumed"])
+    state = ocp.StandardCheckpointer().restore(str(runs["resumed"] / "checkpoints" / "6" / "state"))
+    q_proj = state["params"]["language_model"]["layers_0"]["self_attn"]["q_proj"]
+    assert q_proj["kernel"].dtype == np.int8 and set(q_proj) == {"kernel", "kernel_scale", "bias", "lora_a", "lora_b"}
