@@ -201,7 +201,14 @@ def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", p
         lowered = step.lower(state, batch_abstract)
         out["lower_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except Exception as error:  # XLA:TPU refuses a program over HBM, saying how much it needs
+            needed = over_hbm(error)
+            if needed is None:
+                raise
+            return out | {"peak_per_device": needed, "refused": True,
+                          "compile_seconds": time.perf_counter() - start}
         out["compile_seconds"] = time.perf_counter() - start
     if hlo_path:
         with open(hlo_path, "w") as f:
@@ -214,6 +221,15 @@ def plan(preset: str, mesh: str, batch: int, seq: int, *, remat: str = "full", p
                               - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
     out.update(compute_stats(config, out, compiled, chip))
     return out
+
+
+def over_hbm(error: BaseException) -> float | None:
+    """The bytes per device XLA:TPU said a program needs when it refused to compile it for exceeding HBM, else
+    None."""
+    import re
+
+    needed = re.search(r"memory required for .*?\(([\d.]+)G\) exceeds available HBM", str(error))
+    return None if needed is None else float(needed.group(1)) * 2**30
 
 
 def compute_stats(config, out: dict, compiled, chip: str | None) -> dict:
@@ -287,6 +303,9 @@ def _report(result: dict, hbm: float | None) -> str:
             lines.append(f"HBM {hbm / 1e9:.0f} GB per device: {verdict} "
                          f"({100 * result['peak_per_device'] / hbm:.0f} % used)")
         lines.append(f"lower {result['lower_seconds']:.1f} s, compile {result['compile_seconds']:.1f} s")
+    if result.get("refused"):
+        lines.append(f"XLA:TPU refused to compile the step: it needs {result['peak_per_device'] / 1e9:.2f} GB per "
+                     f"device" + (f" > {hbm / 1e9:.0f} GB HBM: does NOT fit" if hbm else ""))
     if "collectives" in result:
         lines += _report_compute(result)
     return "\n".join(lines)

@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import re
 
 import numpy as np
 
@@ -355,11 +354,10 @@ def plan_memory(config, model_config, mesh: dict) -> dict:
                       dtype=model_config.dtype, param_dtype=model_config.param_dtype,
                       dcn=config.get("dcn_mesh") or None, attention=model_config.attention, config=model_config,
                       head_fraction=head_fraction, chip=chip, topology=compiler.topology, **shape)
-    except Exception as error:  # XLA:TPU refuses to compile a step that exceeds HBM; anything else: say why
-        needed = re.search(r"memory required for .*?\(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(error))
-        if needed is None:
-            return out | {"why": f"the planner failed: {type(error).__name__}: {str(error)[:400]}"}
-        peak = float(needed.group(1)) * 2**30
+    except Exception as error:  # anything but XLA:TPU's refusal over HBM (plan reports that): say why
+        return out | {"why": f"the planner failed: {type(error).__name__}: {str(error)[:400]}"}
+    if result.get("refused"):
+        peak = result["peak_per_device"]
         return out | {"planned": True, "peak_per_device": peak, "fits": False,
                       "verdict": f"does not fit: {compiler.name} refused to compile it, {peak / 1e9:.2f} GB needed "
                                  f"per chip > {HBM[chip] / 1e9:.0f} GB HBM of {chip}"}
