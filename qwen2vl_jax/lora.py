@@ -144,6 +144,9 @@ def quantize(config, params) -> dict:
 
     def visit(node, want, names):
         for key, value in node.items():
+            if key not in want:
+                raise ValueError(f"parameter {'/'.join(names + [key])} is not in the model this LoRA config declares "
+                                 f"(lora.targets {config.lora.targets!r}): build the adapters with this config")
             if isinstance(value, dict):
                 visit(value, want[key], names + [key])
                 continue
