@@ -9,13 +9,14 @@ import jax
 import numpy as np
 import peft
 import pytest
-import torch
-from safetensors.numpy import load_file
+from flax import linen as nn
+from safetensors.numpy import load_file, save_file
 
 from qwen2vl_jax import lora
 from qwen2vl_jax.checkpoint.convert import main
 from qwen2vl_jax.checkpoint.mapping import canonical_name, param_to_torch, stack_layers
 from qwen2vl_jax.checkpoint.peft import ADAPTER_DIR, read_peft_adapter, write_peft_adapter
+from qwen2vl_jax.model import abstract_params
 from qwen2vl_jax.processing.fixtures import write_tiny_processor
 from reference import reference, torch_logits
 from test_model import CASES, logits, make_batch
@@ -34,7 +35,7 @@ def adapted(tmp_path_factory):
     config = cfg.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, dropout=0.05, targets=TARGETS))
     rng = np.random.default_rng(3)
     adapters = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32),
-                            lora.init_adapters(config, seed=1))
+                            lora.split(nn.unbox(abstract_params(config)))[1])
     folder = write_peft_adapter(tmp_path_factory.mktemp("peft") / "adapter", config, adapters, "random-untied")
     hf = peft.PeftModel.from_pretrained(copy.deepcopy(model), folder).eval()
     batch = make_batch(cfg, CASES["image_and_video"])
@@ -101,8 +102,8 @@ def test_read_is_the_exact_inverse(adapted, tmp_path, scan):
     assert (lora_config.rank, lora_config.alpha, lora_config.dropout) == (4, 8.0, 0.05)
     # the targets regex picks the same modules in both layouts
     for layout in (False, True):
-        mine = lora.init_adapters(config.replace(lora=lora_config, scan_layers=layout))
-        theirs = lora.init_adapters(config.replace(scan_layers=layout))
+        mine, theirs = (lora.split(nn.unbox(abstract_params(c.replace(scan_layers=layout))))[1]
+                        for c in (config.replace(lora=lora_config), config))
         assert jax.tree.structure(mine) == jax.tree.structure(theirs)
     # written again from the read tree (scanned or not): the same tensors
     again = write_peft_adapter(tmp_path / "again", config.replace(lora=lora_config, scan_layers=scan), read)
@@ -117,7 +118,6 @@ def test_partial_layers_and_bad_files_are_named(adapted, tmp_path):
     tensors = load_file(os.path.join(folder, "adapter_model.safetensors"))
     partial = tmp_path / "partial"
     partial.mkdir()
-    from safetensors.numpy import save_file
     save_file({k: v for k, v in tensors.items() if "layers.1.self_attn.q_proj" not in k},
               str(partial / "adapter_model.safetensors"))
     (partial / "adapter_config.json").write_text(open(os.path.join(folder, "adapter_config.json")).read())
