@@ -1,6 +1,6 @@
 """PEFT adapter folders (qwen2vl_jax/checkpoint/peft.py): transformers + peft load ours on the matching base and give
 our logits, merge_and_unload equals lora.merged, reading is the exact inverse (scanned and unrolled), and the
-training export + `qwen2vl-convert --to-hf --adapter` write the folder."""
+training export + `qwen2vl-convert --to-hf --adapter` write the folder; Qwen2.5-VL too."""
 import copy
 import json
 import os
@@ -171,3 +171,23 @@ def test_torch_is_not_imported_by_the_library():
     code = ("import sys, qwen2vl_jax.checkpoint.peft, qwen2vl_jax.checkpoint.convert, training.export; "
             "sys.exit(('torch' in sys.modules) + 2 * ('peft' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], env=os.environ | {"JAX_PLATFORMS": "cpu"}).returncode == 0
+
+
+def test_qwen2_5_vl_adapter_with_vision_mlp_targets(tmp_path):
+    """Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration, SwiGLU ViT MLP, windowed attention): an adapter over the decoder
+    and the ViT's gate/up/down projections loads with peft and gives our logits."""
+    import test_qwen2_5_vl as q25
+
+    cfg, model, params = q25.reference("B")
+    targets = lora.DECODER_TARGETS + r"|^visual/blocks(_\d+)?/(attn/proj|mlp/(gate|up|down)_proj)$"
+    config = cfg.replace(lora=lora.LoraConfig(rank=3, alpha=5.0, targets=targets))
+    rng = np.random.default_rng(4)
+    adapters = jax.tree.map(lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32),
+                            lora.split(nn.unbox(abstract_params(config)))[1])
+    folder = write_peft_adapter(tmp_path / "adapter", config, adapters)
+    assert "base_model.model.model.visual.blocks.2.mlp.gate_proj.lora_A.weight" in load_file(
+        os.path.join(folder, "adapter_model.safetensors"))
+    hf = peft.PeftModel.from_pretrained(copy.deepcopy(model), folder).eval()
+    batch = q25._case(cfg, "B", "one image")
+    np.testing.assert_allclose(q25._logits(config, lora.merge_trees(params, adapters), batch),
+                               q25.torch_logits(hf, cfg, batch), atol=1e-4, rtol=1e-4)
