@@ -39,6 +39,8 @@ setup(
             "pytest==9.2.0",
             "torch==2.13.0",
             "transformers==5.24.0",
+            "peft==0.22.0",  # tests/test_peft.py: transformers + peft load our LoRA adapter folders
+            "accelerate==1.15.0",  # peft's dependency, at the lmms extra's pin
         ],
         # Cloud TPU VMs: jax's own TPU build of the pinned version (libtpu)
         "tpu": ["jax[tpu]==0.10.2"],

@@ -1,6 +1,7 @@
 """The trained params as a checkpoint folder that `qwen2vl_jax.load`, `qwen2vl-generate`, `qwen2vl-eval` and
 `qwen2vl-convert --to-hf` read: WORKDIR/export/ = params/ (Orbax) + qwen2vl_jax.json + config.json (+ the tokenizer
-and preprocessor files), the layout `qwen2vl-convert --hf-dir` writes."""
+and preprocessor files), the layout `qwen2vl-convert --hf-dir` writes; with LoRA also adapter/, the adapters alone as
+a PEFT folder (`qwen2vl-convert --to-hf --adapter`)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from etils import epath
 
 from qwen2vl_jax.checkpoint.convert import FORMAT_VERSION
 from qwen2vl_jax.checkpoint.load import FORMAT_FILE, PARAMS_DIR
+from qwen2vl_jax.checkpoint.peft import ADAPTER_DIR, write_peft_adapter
 from qwen2vl_jax.config import Qwen2VLConfig
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
@@ -24,9 +26,17 @@ def export_params(directory: str, config: Qwen2VLConfig, params, tokenizer_dir: 
     """Writes `params` (global jax arrays, any sharding; every process calls this) into `directory`, replacing an
     earlier export; `pixel_bounds` ({"min_pixels", "max_pixels"}, the training data's) go into
     preprocessor_config.json, so inference resizes images as training did. With LoRA (config.lora) the folder holds
-    the merged weights (W + (alpha/rank)·A·B, in param_dtype) for the base config. → directory."""
+    the merged weights (W + (alpha/rank)·A·B, in param_dtype) for the base config, and ADAPTER_DIR the adapters
+    alone as a PEFT folder (checkpoint/peft.py). → directory."""
+    adapters, lora_config = None, config
     if config.lora is not None:
         from qwen2vl_jax import lora
+        adapters = lora.split(params)[1]
+        if jax.process_count() > 1:  # every process joins the gather; process 0 writes
+            from jax.experimental import multihost_utils
+            adapters = multihost_utils.process_allgather(adapters, tiled=True)
+        else:
+            adapters = jax.tree_util.tree_map(np.asarray, adapters)
         params = jax.jit(lambda p: lora.merged(config, p, config.param_dtype))(params)
         config = config.replace(lora=None)
     out = epath.Path(directory)
@@ -52,4 +62,6 @@ def export_params(directory: str, config: Qwen2VLConfig, params, tokenizer_dir: 
                     settings.pop("size", None)  # min/max_pixels win over "size"; keep one source of truth
                     text = json.dumps(settings | {k: int(v) for k, v in pixel_bounds.items() if v}, indent=2)
                 (out / name).write_text(text)
+        if adapters is not None:
+            write_peft_adapter(out / ADAPTER_DIR, lora_config, adapters)
     return str(out)

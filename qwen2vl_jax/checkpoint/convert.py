@@ -1,4 +1,5 @@
-"""`qwen2vl-convert`: Hugging Face folder → Orbax folder (`--hf-dir`), and back (`--to-hf --orbax-dir`).
+"""`qwen2vl-convert`: Hugging Face folder → Orbax folder (`--hf-dir`), and back (`--to-hf --orbax-dir`; with
+`--adapter`, a LoRA export's adapter as a PEFT folder).
 
 Both directions stream one block (≤ 64 MiB) at a time, so checkpoints larger than RAM convert. The output is built
 in a temporary folder beside --out and renamed at the end: --out holds a complete result or nothing."""
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from qwen2vl_jax.checkpoint import lazy, orbax_files, safetensors_files
+from qwen2vl_jax.checkpoint import lazy, orbax_files, peft, safetensors_files
 from qwen2vl_jax.checkpoint.hf import BIN_INDEX, SAFETENSORS_INDEX
 from qwen2vl_jax.checkpoint.load import FORMAT_FILE, PARAMS_DIR, is_converted, layer_counts, open_params, torch_state
 from qwen2vl_jax.config import Qwen2VLConfig
@@ -165,6 +166,30 @@ def orbax_to_hf(orbax_dir: str, out: str, dtype: str | None = None, max_shard_by
     return {"bytes": total, "tensors": len(named), "files": len(shards), "seconds": time.perf_counter() - start}
 
 
+def adapter_to_hf(orbax_dir: str, out: str) -> dict:
+    """Write the PEFT adapter of an export with LoRA (ORBAX_DIR/adapter/, written by training/export.py) as `out`:
+    adapter_model.safetensors + adapter_config.json + the tokenizer and processor files; → {"bytes", ...}."""
+    start = time.perf_counter()
+    source = os.path.join(orbax_dir, peft.ADAPTER_DIR)
+    files = (peft.ADAPTER_FILE, peft.CONFIG_FILE)
+    if not all(os.path.isfile(os.path.join(source, name)) for name in files):
+        raise FileNotFoundError(f"{source} holds no PEFT adapter ({' + '.join(files)}): --adapter needs the export of "
+                                f"a LoRA run (qwen2vl-train with config.lora writes it); drop --adapter to write the "
+                                f"full weights")
+    with _atomic_folder(out) as tmp:
+        for name in files:
+            shutil.copy2(os.path.join(source, name), os.path.join(tmp, name))
+        for name in sorted(os.listdir(orbax_dir)):  # tokenizer / processor files; no config.json: peft takes the
+            path = os.path.join(orbax_dir, name)     # base model's
+            if os.path.isfile(path) and not _is_weight_file(name) and name not in ("config.json", FORMAT_FILE):
+                shutil.copy2(path, os.path.join(tmp, name))
+    with open(os.path.join(source, peft.ADAPTER_FILE), "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    total = os.path.getsize(os.path.join(source, peft.ADAPTER_FILE))
+    return {"bytes": total, "tensors": len([k for k in header if k != "__metadata__"]),
+            "seconds": time.perf_counter() - start}
+
+
 def _size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
     for unit, factor in units.items():
@@ -182,11 +207,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast every tensor")
     parser.add_argument("--scan-layers", action="store_true", help="store layers stacked, as nn.scan uses them")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file with --to-hf")
+    parser.add_argument("--adapter", action="store_true",
+                        help="with --to-hf: write the LoRA adapter of a LoRA run's export (ORBAX_DIR/adapter/) as a "
+                             "PEFT folder instead of the merged full weights")
     args = parser.parse_args(argv)
+    if args.adapter and not args.to_hf:
+        parser.error("--adapter goes with --to-hf --orbax-dir EXPORT")
+    if args.adapter and args.dtype:
+        parser.error("--adapter writes the float32 adapter as trained; drop --dtype")
     if args.to_hf:
         if not args.orbax_dir or args.hf_dir:
             parser.error("--to-hf takes --orbax-dir (and not --hf-dir)")
-        stats = orbax_to_hf(args.orbax_dir, args.out, args.dtype, _size(args.max_shard_size))
+        stats = (adapter_to_hf(args.orbax_dir, args.out) if args.adapter else
+                 orbax_to_hf(args.orbax_dir, args.out, args.dtype, _size(args.max_shard_size)))
     else:
         if not args.hf_dir or args.orbax_dir:
             parser.error("give --hf-dir (or --to-hf --orbax-dir)")

@@ -26,6 +26,15 @@ def canonical_name(name: str) -> str:
     return name
 
 
+def in_memory_name(name: str) -> str:
+    """The transformers 5.x in-memory name (`model.language_model.…`, `model.visual.…`) for an on-disk name; the
+    inverse of `canonical_name`."""
+    for memory, disk in _ALIASES:
+        if name.startswith(disk) and not name.startswith(memory):
+            return memory + name[len(disk):]
+    return name
+
+
 def _rules(cfg: Qwen2VLConfig) -> list[tuple[str, Path, Callable[[np.ndarray], np.ndarray], Callable]]:
     """(regex, path template with {i}, torch→ours, ours→torch). Linear weights are [out, in] in torch."""
     t, v = cfg.text, cfg.vision
@@ -83,24 +92,43 @@ class UnknownTensor(KeyError):
     pass
 
 
+def param_path(name: str, cfg: Qwen2VLConfig) -> Path:
+    """A torch tensor name → its unrolled param path. Raises UnknownTensor for foreign names."""
+    return _lookup(name, cfg)[0]
+
+
 def torch_to_param(name: str, array: np.ndarray, cfg: Qwen2VLConfig) -> tuple[Path, np.ndarray]:
     """One torch tensor → (unrolled param path, array in our layout). Raises UnknownTensor for foreign names."""
+    path, to_ours = _lookup(name, cfg)
+    return path, to_ours(np.asarray(array))
+
+
+def _lookup(name: str, cfg: Qwen2VLConfig) -> tuple[Path, Callable]:
     name = canonical_name(name)
     for pattern, path, to_ours, _ in _rules(cfg):
         match = re.fullmatch(pattern, name)
         if match:
             index = match.group(1) if match.groups() else None
-            return tuple(p.format(i=index) for p in path), to_ours(np.asarray(array))
+            return tuple(p.format(i=index) for p in path), to_ours
     raise UnknownTensor(name)
+
+
+def torch_name(path: Path, cfg: Qwen2VLConfig) -> str:
+    """An unrolled param path → its torch tensor name (on disk). Raises UnknownTensor for foreign paths."""
+    return _reverse(path, cfg)[0]
 
 
 def param_to_torch(path: Path, array: np.ndarray, cfg: Qwen2VLConfig) -> tuple[str, np.ndarray]:
     """The inverse of `torch_to_param` for an unrolled path."""
+    name, to_torch = _reverse(path, cfg)
+    return name, to_torch(np.asarray(array))
+
+
+def _reverse(path: Path, cfg: Qwen2VLConfig) -> tuple[str, Callable]:
     for pattern, template, _, to_torch in _rules(cfg):
         index = _match_path(template, path)
         if index is not False:
-            name = pattern.replace(r"(\d+)", "" if index is None else index).replace("\\", "")
-            return name, to_torch(np.asarray(array))
+            return pattern.replace(r"(\d+)", "" if index is None else index).replace("\\", ""), to_torch
     raise UnknownTensor("/".join(path))
 
 
