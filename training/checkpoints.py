@@ -26,8 +26,12 @@ DAMAGE_SIGNS = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND", "Error reading", "Erro
 
 
 class Checkpoints:
-    def __init__(self, directory: str, every: int, keep: int = 2):
+    """`keep_only`: state → the part a checkpoint holds (LoRA: the state without its frozen base, which a resumed
+    run reads again from where it first came); restore gives that part back."""
+
+    def __init__(self, directory: str, every: int, keep: int = 2, keep_only=None):
         self.every = every
+        self.keep_only = keep_only or (lambda state: state)
         self.directory = epath.Path(directory)
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -70,7 +74,7 @@ class Checkpoints:
         async: the arrays are copied off the device before this returns, so the caller may donate them."""
         if not (force or step % self.every == 0):
             return False
-        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(self.keep_only(state)),
                                                                data=ocp.args.JsonSave(data_iterator.get_state())),
                                  force=True)
 

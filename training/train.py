@@ -114,6 +114,12 @@ def initial_params(config, model_config: Qwen2VLConfig, mesh) -> dict:
     return params
 
 
+def without_base(state):
+    """A LoRA run's state as its checkpoints hold it: the adapters, optimizer state, step and rng — not the frozen
+    base (GBs that never change; a resume reads it again from init_from)."""
+    return state.replace(params=lora.split(state.params)[1])
+
+
 def demo_tokenizer_dir(workdir: str) -> str:
     return os.path.join(workdir, "tokenizer")
 
@@ -234,15 +240,20 @@ def _train(config, workdir: str, guard: StopBeforeFirstStep) -> dict:
                              out_shardings=s_shardings)
         abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           jax.eval_shape(make_state, shapes), s_shardings)
+        keep_only = None if model_config.lora is None else without_base
+        abstract = (keep_only or (lambda x: x))(abstract)
         preflight.check_disk(workdir, sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract)))
         checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
-                                  config.keep_checkpoints)
+                                  config.keep_checkpoints, keep_only)
         iterator = iter(dataset)
         try:
             # resume: nothing is initialized or loaded, the newest whole checkpoint is read into its shardings
             restored = checkpoints.restore_latest(abstract)
             if restored:
                 first, state, data_state = restored
+                if keep_only is not None:  # the frozen base again from init_from (or the seed), as at the start
+                    base = lora.split(initial_params(config, model_config, mesh))[0]
+                    state = state.replace(params=lora.merge_trees(base, state.params))
                 iterator.set_state(data_state)
                 log.info("resumed from step %d", first)
             else:
