@@ -26,7 +26,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("layers", None),
-    ("lora_rank", None),  # LoRA (qwen2vl_jax/lora.py): A [*in, rank] and B [rank, *out] split like their kernel
+    # LoRA (qwen2vl_jax/lora.py): A [*in, rank], B [rank, *out]; the rank takes fsdp where the other dims leave it
+    # free (B's out dims are tensor-parallel), so no adapter is whole on every fsdp device
+    ("lora_rank", "fsdp"),
 )
 
 # Generation (inference) variant: parameters are not split over fsdp ("embed" replicated), so a decode step never

@@ -166,7 +166,7 @@ def test_eight_devices_give_one_devices_lora_step(setup):
     with jax.set_mesh(mesh):
         shardings = state_shardings(config, optimizer, mesh)
         up = shardings.params["language_model"]["layers"]["mlp"]["up_proj"]
-        assert up["lora_b"].spec == jax.sharding.PartitionSpec(None, None, "tensor")  # [layers, rank, mlp]
+        assert up["lora_b"].spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # [layers, rank, mlp]
         assert up["lora_a"].spec == jax.sharding.PartitionSpec(None, "fsdp", None)  # [layers, embed, rank]
         state = jax.jit(functools.partial(init_state, optimizer=optimizer), out_shardings=shardings)(adapted)
         device_batch, b_shardings = place_local_batch(batch, mesh, local_batch_shards(mesh))
