@@ -1,6 +1,6 @@
 """LoRA (qwen2vl_jax/lora.py): the step equals a hand-written W + (alpha/rank)·A·B reference (loss and the gradients of A
 and B), the base gets no gradient and keeps its bytes (bf16 and int8), only adapters hold optimizer state, merging
-gives the adapted model, and 8 fake devices give one device's step."""
+gives the adapted model, and 8 fake devices give one device's step without gathering activations."""
 import dataclasses
 import functools
 
@@ -19,6 +19,7 @@ from qwen2vl_jax.checkpoint.mapping import stack_layers
 from qwen2vl_jax.model import Qwen2VL, abstract_params, init_params
 from training.param_groups import adapters_only, trains, update_scales
 from training.step import gradients, init_state, loss_fn, make_optimizer, train_step
+from test_partitioning import float_gathers_larger_than
 from test_train_cli import data_dir  # noqa: F401 (fixture)
 from training.train import HOST_KEYS, model_and_processor
 
@@ -171,7 +172,12 @@ def test_eight_devices_give_one_devices_lora_step(setup):
         state = jax.jit(functools.partial(init_state, optimizer=optimizer), out_shardings=shardings)(adapted)
         device_batch, b_shardings = place_local_batch(batch, mesh, local_batch_shards(mesh))
         step = jit_train_step(config, optimizer, mesh, shardings, b_shardings, scales)
-        got_state, got = step(state, device_batch)
+        compiled = step.lower(state, device_batch).compile()
+        got_state, got = compiled(state, device_batch)
+    # the work divides: nothing larger than a parameter is all-gathered (no activation is gathered whole)
+    largest = max(x.size for x in jax.tree.leaves(adapted))
+    gathered = float_gathers_larger_than(compiled, largest)
+    assert not gathered, [(g.op_name, [str(a) for a in g.arrays]) for g in gathered]
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5)
     # after one Adam step (lr 1e-2: each adapter entry moves ~1e-2), a bug would be off by ~lr; summation order
