@@ -44,7 +44,7 @@ def test_the_shipped_configs_pass():
     import importlib
 
     for name in ("demo_cpu", "qwen2vl_2b_v5e8", "qwen2vl_7b_v5p8", "qwen2vl_72b_v5p128", "qwen2_5vl_7b_v5p8",
-                 "qwen2_5vl_72b_v5p128", "qwen2vl_7b_lora_v5e8", "qwen2vl_72b_lora"):
+                 "qwen2_5vl_72b_v5p128", "qwen2vl_7b_lora_v5e8", "qwen2vl_72b_lora_v5e16"):
         config = importlib.import_module(f"configs.{name}").get_config()
         config.data.train = config.data.train or "jsonl:train.jsonl"  # the TPU configs leave it to the user
         check(config, shards=1)
