@@ -142,9 +142,14 @@ def prepare_workdir(config, workdir: str) -> None:
         if config.data.get("demo_set"):
             import tensorflow_datasets as tfds
 
-            from data_pipeline.synthetic import write_tfds
+            from data_pipeline.synthetic import question_types, write_tfds
             tfds.display_progress_bar(False)
-            write_tfds(data_folder(config, workdir), dict(config.data.demo_set), seed=config.seed)
+            splits = dict(config.data.demo_set)
+            try:
+                types = question_types(splits.pop("types", ""))
+            except ValueError as error:
+                raise preflight.PreflightError(f"data.demo_set.types: {error}") from None
+            write_tfds(data_folder(config, workdir), splits, seed=config.seed, types=types)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("qwen2vl-train: workdir prepared")
