@@ -226,7 +226,7 @@ def _train(config, workdir: str, guard: StopBeforeFirstStep) -> dict:
         try:  # which parameters train and at what rate: a bad pattern stops here, before any compile
             scales = update_scales(shapes, config.stage, o.get("freeze", ""), o.get("lr_multipliers", ""))
             if model_config.lora is not None:
-                scales = adapters_only(scales)
+                scales = adapters_only(scales, config.lora.get("train_also", ""))
         except ValueError as error:
             raise preflight.PreflightError(str(error)) from None
         # steps counts batches; with grad_accum k the optimizer makes steps / k updates (warmup_steps counts updates)
