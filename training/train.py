@@ -57,8 +57,10 @@ def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor]
     compact tokenizer into WORKDIR/tokenizer."""
     tokenizer_dir = demo_tokenizer(workdir) if config.tokenizer == "demo" else tokenizer_folder(config, workdir)
     if not tokenizer_dir:
-        raise ValueError("set --config.tokenizer (a folder with tokenizer.json and preprocessor_config.json) or "
-                         "--config.init_from (a converted checkpoint, which carries its tokenizer)")
+        raise preflight.PreflightError("set --config.tokenizer (a folder with tokenizer.json and "
+                                       "preprocessor_config.json) or --config.init_from (a converted checkpoint, which "
+                                       "carries its tokenizer; configs/demo_cpu_lora.py needs one: a demo run's "
+                                       "WORKDIR/export)")
     processor = Processor.from_pretrained(tokenizer_dir)
     model = dict(config.model)
     overrides = {k: model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention") if k in model}
