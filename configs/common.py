@@ -40,7 +40,10 @@ def base() -> ml_collections.ConfigDict:
         rank=0,  # > 0: train low-rank adapters only, the base frozen (qwen2vl_jax/lora.py)
         alpha=16.0, dropout=0.0,
         targets="",  # regex over Linear module paths; "" = the decoder's q/k/v/o and MLP projections
-        base_dtype="bfloat16"))  # the frozen base's storage: "bfloat16" | "float32" | "int8" (the adapted layers)
+        base_dtype="bfloat16",  # the frozen base's storage: "bfloat16" | "float32" | "int8" (the adapted layers)
+        train_also=""))  # regex over parameter paths trained in full beside the adapters (PEFT's modules_to_save),
+    # e.g. "language_model/embed_tokens": the tied output rows of answer words the base never produced
+
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
     c.log_every = 10

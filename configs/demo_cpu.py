@@ -19,7 +19,7 @@ def get_config():
         vision=dict(depth=2, embed_dim=128, num_heads=4, hidden_size=128),
         dtype="float32", remat="none", scan_layers=False))
     c.data.update(dict(
-        train="tfds:synthetic_vqa:train", eval="tfds:synthetic_vqa:test", demo_set={"train": 6000, "test": 400},
+        train="tfds:synthetic_vqa:train", eval="tfds:synthetic_vqa:test", demo_set={"train": 6000, "test": 400, "types": ""},
         batch_size=16, length_buckets=(64, 128), vision_buckets=(1024, 2048), pack=False, workers=0,
         max_pixels=140 * 140))
     c.optim.update(dict(learning_rate=1e-3, warmup_steps=50, weight_decay=0.01))

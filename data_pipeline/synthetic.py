@@ -159,11 +159,26 @@ def _draw_digit(img: Image.Image, rng: np.random.Generator, digit: str) -> None:
 # --------------------------------------------------------------------------
 
 
-def make_example(index: int, seed: int = 0) -> dict:
+def question_types(types="") -> tuple[str, ...]:
+    """``types`` ("" or None = all, a comma-separated string or a sequence of names) → a tuple of question types in
+    the order given; ValueError naming the unknown ones."""
+    if isinstance(types, str):
+        types = [t.strip() for t in types.split(",") if t.strip()]
+    types = tuple(types or QUESTION_TYPES)
+    unknown = [t for t in types if t not in QUESTION_TYPES]
+    if unknown:
+        raise ValueError(f"unknown question type(s) {', '.join(map(repr, unknown))}: give comma-separated names "
+                         f"from {', '.join(QUESTION_TYPES)}, or \"\" for all of them")
+    if len(set(types)) != len(types):
+        raise ValueError(f"question types {','.join(types)} name one twice: give each at most once")
+    return types
+
+
+def make_example(index: int, seed: int = 0, types=QUESTION_TYPES) -> dict:
     """Builds example ``index`` of the set with ``seed`` (deterministic).
 
-    The question type cycles through ``QUESTION_TYPES`` with the index; the
-    answer is drawn uniformly from ``ANSWERS[type]``.
+    The question type cycles through ``types`` (default all of ``QUESTION_TYPES``; see :func:`question_types`)
+    with the index; the answer is drawn uniformly from ``ANSWERS[type]``.
 
     Returns:
       {"image": PIL.Image (RGB, W,H in [56, 320]), "question": str,
@@ -172,7 +187,8 @@ def make_example(index: int, seed: int = 0) -> dict:
     if index < 0:
         raise ValueError(f"make_example: index must be >= 0, got {index}")
     rng = np.random.default_rng([int(seed), int(index)])
-    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    types = question_types(types)
+    qtype = types[index % len(types)]
     answer = ANSWERS[qtype][int(rng.integers(len(ANSWERS[qtype])))]
     question = QUESTIONS[qtype][int(rng.integers(len(QUESTIONS[qtype])))]
     img = Image.new("RGB", _random_size(rng), _background(rng))
@@ -256,16 +272,17 @@ def _builder_class():
         # installed); there is no checksum/metadata file next to this code.
         code_path = None
 
-        def __init__(self, *, splits=None, seed=0, **kwargs):
+        def __init__(self, *, splits=None, seed=0, types=QUESTION_TYPES, **kwargs):
             self._splits = dict(splits or {})
             self._seed = int(seed)
+            self._types = question_types(types)
             super().__init__(**kwargs)
 
         def _info(self):
             text = tfds.features.Text()
             return tfds.core.DatasetInfo(
                 builder=self,
-                description="Synthetic visual QA (colour/shape/count/digit), Qwen messages.",
+                description=_description(self._types),
                 features=tfds.features.FeaturesDict({
                     "id": text,
                     "messages": text,
@@ -287,7 +304,7 @@ def _builder_class():
 
         def _generate_examples(self, start, count):
             for index in range(start, start + count):
-                ex = make_example(index, self._seed)
+                ex = make_example(index, self._seed, self._types)
                 yield index, {
                     "id": _example_id(self._seed, index),
                     "messages": json.dumps(to_messages(ex, None)),
@@ -299,13 +316,18 @@ def _builder_class():
     return SyntheticVqa
 
 
-def write_tfds(data_dir, splits: dict[str, int] | None = None, seed: int = 0) -> str:
+def _description(types: tuple[str, ...]) -> str:
+    return f"Synthetic visual QA ({'/'.join(types)}), Qwen messages."
+
+
+def write_tfds(data_dir, splits: dict[str, int] | None = None, seed: int = 0, types="") -> str:
     """Writes the demo set as TFDS ``synthetic_vqa`` (ArrayRecord) under ``data_dir``.
 
     Args:
       data_dir: local or remote (e.g. gs://) TFDS data dir.
       splits: {split name: number of examples}; default {"train": 4000, "test": 400}.
       seed: generation seed.
+      types: the question types to write, cycled by index ("" = all; see :func:`question_types`).
 
     Returns:
       The dataset directory ``data_dir/synthetic_vqa/1.0.0`` (a str). Read it with
@@ -313,20 +335,24 @@ def write_tfds(data_dir, splits: dict[str, int] | None = None, seed: int = 0) ->
       ``tfds.data_source("synthetic_vqa", split=..., data_dir=data_dir)``.
 
     Raises:
-      FileExistsError: the dataset already exists with other splits/sizes.
+      FileExistsError: the dataset already exists with other splits/sizes or question types.
+      ValueError: an unknown question type.
     """
     import tensorflow_datasets as tfds
 
     splits = dict(splits or {"train": 4000, "test": 400})
-    builder = _builder_class()(splits=splits, seed=seed, data_dir=str(data_dir),
+    types = question_types(types)
+    builder = _builder_class()(splits=splits, seed=seed, types=types, data_dir=str(data_dir),
                                file_format="array_record")
     ds_dir = epath.Path(builder.data_dir)
     if builder.is_prepared():
         have = {k: v.num_examples for k, v in builder.info.splits.items()}
-        if have != splits:
+        # builder.info.description is the code's; the written one names the types the folder holds
+        held = json.loads((ds_dir / "dataset_info.json").read_text()).get("description", "")
+        if have != splits or held != _description(types):
             raise FileExistsError(
-                f"write_tfds: {ds_dir} already holds splits {have}, not the requested "
-                f"{splits}; delete that folder or pass another data_dir.")
+                f"write_tfds: {ds_dir} already holds splits {have} ({held}), not the requested "
+                f"{splits} ({_description(types)}); delete that folder or pass another data_dir.")
         return str(ds_dir)
     builder.download_and_prepare(
         file_format="array_record",

@@ -117,13 +117,34 @@ def is_uniform(scales) -> bool:
     return all(np.all(s == 0) or np.all(s == 1) for s in jax.tree.leaves(scales))
 
 
-def adapters_only(scales):
+def adapters_only(scales, train_also: str = ""):
     """`scales` with every leaf but the LoRA adapters (qwen2vl_jax.lora) at 0: a LoRA run trains its adapters
-    only, the stage and patterns choosing among them. ValueError when no adapter trains."""
+    only, the stage and patterns choosing among them — and, in full, the parameters (layers) whose path
+    `train_also` (a regex, e.g. "language_model/embed_tokens") searches, as PEFT's modules_to_save. ValueError when
+    no adapter trains or `train_also` matches no parameter the stage trains."""
     from qwen2vl_jax.lora import is_adapter
 
-    kept = jax.tree_util.tree_map_with_path(lambda path, s: s if is_adapter(path) else np.zeros_like(s), scales)
-    if not any(np.any(s > 0) for s in jax.tree.leaves(kept)):
+    try:
+        also = re.compile(train_also) if train_also else None
+    except re.error as e:
+        raise ValueError(f"lora.train_also {train_also!r} is not a regex: {e}") from None
+    used = []
+
+    def keep(path, s):
+        if is_adapter(path):
+            return s
+        if also is None:
+            return np.zeros_like(s)
+        hit = np.asarray([bool(also.search(name)) for name in layer_names(path, s)])
+        kept = np.where(hit.reshape(np.shape(s)) if np.ndim(s) else hit[0], s, 0).astype(np.float32)
+        used.append(bool(np.any(kept > 0)))
+        return kept
+
+    kept = jax.tree_util.tree_map_with_path(keep, scales)
+    if also is not None and not any(used):
+        raise ValueError(f"lora.train_also {train_also!r} matches no parameter path the stage trains (e.g. "
+                         "'language_model/embed_tokens/embedding')")
+    if not any(np.any(s > 0) for path, s in jax.tree_util.tree_leaves_with_path(kept) if is_adapter(path)):
         raise ValueError("LoRA trains no adapter: lora.targets matches no linear layer the stage trains (the stage "
                          "'vision' trains the ViT and merger, 'llm' the decoder and merger, 'all' every group)")
     return kept

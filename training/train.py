@@ -57,8 +57,10 @@ def model_and_processor(config, workdir: str) -> tuple[Qwen2VLConfig, Processor]
     compact tokenizer into WORKDIR/tokenizer."""
     tokenizer_dir = demo_tokenizer(workdir) if config.tokenizer == "demo" else tokenizer_folder(config, workdir)
     if not tokenizer_dir:
-        raise ValueError("set --config.tokenizer (a folder with tokenizer.json and preprocessor_config.json) or "
-                         "--config.init_from (a converted checkpoint, which carries its tokenizer)")
+        raise preflight.PreflightError("set --config.tokenizer (a folder with tokenizer.json and "
+                                       "preprocessor_config.json) or --config.init_from (a converted checkpoint, which "
+                                       "carries its tokenizer; configs/demo_cpu_lora.py needs one: a demo run's "
+                                       "WORKDIR/export)")
     processor = Processor.from_pretrained(tokenizer_dir)
     model = dict(config.model)
     overrides = {k: model[k] for k in ("dtype", "param_dtype", "remat", "scan_layers", "attention") if k in model}
@@ -148,9 +150,14 @@ def prepare_workdir(config, workdir: str) -> None:
         if config.data.get("demo_set"):
             import tensorflow_datasets as tfds
 
-            from data_pipeline.synthetic import write_tfds
+            from data_pipeline.synthetic import question_types, write_tfds
             tfds.display_progress_bar(False)
-            write_tfds(data_folder(config, workdir), dict(config.data.demo_set), seed=config.seed)
+            splits = dict(config.data.demo_set)
+            try:
+                types = question_types(splits.pop("types", ""))
+            except ValueError as error:
+                raise preflight.PreflightError(f"data.demo_set.types: {error}") from None
+            write_tfds(data_folder(config, workdir), splits, seed=config.seed, types=types)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("qwen2vl-train: workdir prepared")
@@ -227,7 +234,7 @@ def _train(config, workdir: str, guard: StopBeforeFirstStep) -> dict:
         try:  # which parameters train and at what rate: a bad pattern stops here, before any compile
             scales = update_scales(shapes, config.stage, o.get("freeze", ""), o.get("lr_multipliers", ""))
             if model_config.lora is not None:
-                scales = adapters_only(scales)
+                scales = adapters_only(scales, config.lora.get("train_also", ""))
         except ValueError as error:
             raise preflight.PreflightError(str(error)) from None
         # steps counts batches; with grad_accum k the optimizer makes steps / k updates (warmup_steps counts updates)
