@@ -114,6 +114,15 @@ def split(params) -> tuple[dict, dict]:
     return base, adapters
 
 
+def select(params, keep) -> dict:
+    """The nested dict of `params`' leaves that `keep` (a bool tree like params) marks."""
+    out: dict = {}
+    for (path, leaf), kept in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(keep)):
+        if kept:
+            _set(out, [str(getattr(k, "key", k)) for k in path], leaf)
+    return out
+
+
 def merge_trees(*trees) -> dict:
     """Nested dicts → one (later trees add leaves to the modules of earlier ones)."""
     out: dict = {}

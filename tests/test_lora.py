@@ -188,13 +188,15 @@ def test_eight_devices_give_one_devices_lora_step(setup):
 
 LORA_RUN = ("--config.lora.rank=4", "--config.lora.alpha=8", "--config.lora.base_dtype=int8",
             "--config.lora.targets=" + TARGETS.replace("visual/blocks/", "visual/blocks(_\\d+)?/"),
-            "--config.optim.learning_rate=1e-2", "--config.checkpoint_every=3",
+            "--config.lora.train_also=visual/merger/ln_q", "--config.optim.learning_rate=1e-2",
+            "--config.checkpoint_every=3",
             "--config.data.length_buckets=(64,128)", "--config.data.vision_buckets=(256,512)")
 
 
 def test_a_lora_run_resumes_bit_exactly(tmp_path, data_dir):  # noqa: F811 (test_train_cli's fixture)
     """The train CLI with an int8 base: 6 steps straight, and 3 steps then a resumed run to 6, log the same losses
-    bit for bit and export the same merged weights; checkpoints hold the adapters and their optimizer state only."""
+    bit for bit and export the same merged weights; checkpoints hold what trains (adapters, lora.train_also's
+    parameters) with its optimizer state, not the frozen base."""
     import orbax.checkpoint as ocp
 
     from test_train_cli import command, finish, start
@@ -217,3 +219,5 @@ def test_a_lora_run_resumes_bit_exactly(tmp_path, data_dir):  # noqa: F811 (test
     q_proj = state["params"]["language_model"]["layers_0"]["self_attn"]["q_proj"]
     assert set(q_proj) == {"lora_a", "lora_b"}  # the frozen base is not checkpointed: a resume reads it again
     assert "embed_tokens" not in state["params"]["language_model"]
+    assert set(state["params"]["visual"]["merger"]["ln_q"]) == {"scale", "bias"}  # trained in full: kept
+    assert not (runs["resumed"] / "export" / "adapter").exists()  # train_also: merged weights only, no PEFT folder

@@ -22,20 +22,22 @@ SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", 
 
 
 def export_params(directory: str, config: Qwen2VLConfig, params, tokenizer_dir: str | None,
-                  pixel_bounds: dict | None = None) -> str:
+                  pixel_bounds: dict | None = None, peft_adapter: bool = True) -> str:
     """Writes `params` (global jax arrays, any sharding; every process calls this) into `directory`, replacing an
     earlier export; `pixel_bounds` ({"min_pixels", "max_pixels"}, the training data's) go into
     preprocessor_config.json, so inference resizes images as training did. With LoRA (config.lora) the folder holds
     the merged weights (W + (alpha/rank)·A·B, in param_dtype) for the base config, and ADAPTER_DIR the adapters
-    alone as a PEFT folder (checkpoint/peft.py). → directory."""
+    alone as a PEFT folder (checkpoint/peft.py) unless `peft_adapter` is False (a run that also trained parameters
+    in full, lora.train_also: PEFT's modules_to_save, which this writer does not write; the merged weights hold
+    them). → directory."""
     adapters, lora_config = None, config
     if config.lora is not None:
         from qwen2vl_jax import lora
-        adapters = lora.split(params)[1]
-        if jax.process_count() > 1:  # every process joins the gather; process 0 writes
+        adapters = lora.split(params)[1] if peft_adapter else None
+        if adapters is not None and jax.process_count() > 1:  # every process joins the gather; process 0 writes
             from jax.experimental import multihost_utils
             adapters = multihost_utils.process_allgather(adapters, tiled=True)
-        else:
+        elif adapters is not None:
             adapters = jax.tree_util.tree_map(np.asarray, adapters)
         params = jax.jit(lambda p: lora.merged(config, p, config.param_dtype))(params)
         config = config.replace(lora=None)

@@ -116,10 +116,11 @@ def initial_params(config, model_config: Qwen2VLConfig, mesh) -> dict:
     return params
 
 
-def without_base(state):
-    """A LoRA run's state as its checkpoints hold it: the adapters, optimizer state, step and rng — not the frozen
-    base (GBs that never change; a resume reads it again from init_from)."""
-    return state.replace(params=lora.split(state.params)[1])
+def trained_only(trained):
+    """state → the state a LoRA run's checkpoints hold: the parameters that train (`trained`, a bool tree like
+    params: the adapters and lora.train_also's), optimizer state, step and rng — not the frozen base (GBs that never
+    change; a resume reads it again from init_from)."""
+    return lambda state: state.replace(params=lora.select(state.params, trained))
 
 
 def demo_tokenizer_dir(workdir: str) -> str:
@@ -235,6 +236,12 @@ def _train(config, workdir: str, guard: StopBeforeFirstStep) -> dict:
             scales = update_scales(shapes, config.stage, o.get("freeze", ""), o.get("lr_multipliers", ""))
             if model_config.lora is not None:
                 scales = adapters_only(scales, config.lora.get("train_also", ""))
+                stored = [jax.tree_util.keystr(path) for (path, leaf), t in zip(
+                    jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(trains(scales)))
+                    if t and not jax.numpy.issubdtype(leaf.dtype, jax.numpy.inexact)]
+                if stored:
+                    raise ValueError(f"lora.train_also matches parameters stored as integers (the int8 base): "
+                                     f"{stored[:3]}; train those in full only with lora.base_dtype='bfloat16'")
         except ValueError as error:
             raise preflight.PreflightError(str(error)) from None
         # steps counts batches; with grad_accum k the optimizer makes steps / k updates (warmup_steps counts updates)
@@ -247,7 +254,7 @@ def _train(config, workdir: str, guard: StopBeforeFirstStep) -> dict:
                              out_shardings=s_shardings)
         abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                           jax.eval_shape(make_state, shapes), s_shardings)
-        keep_only = None if model_config.lora is None else without_base
+        keep_only = None if model_config.lora is None else trained_only(trains(scales))
         abstract = (keep_only or (lambda x: x))(abstract)
         preflight.check_disk(workdir, sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(abstract)))
         checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
@@ -275,7 +282,8 @@ def _train(config, workdir: str, guard: StopBeforeFirstStep) -> dict:
             summary["export"] = export_params(
                 os.path.join(workdir, "export"), model_config, summary["state"].params,
                 tokenizer_folder(config, workdir),
-                {"min_pixels": config.data.min_pixels, "max_pixels": config.data.max_pixels})
+                {"min_pixels": config.data.min_pixels, "max_pixels": config.data.max_pixels},
+                peft_adapter=not config.get("lora", {}).get("train_also"))
     if config.get("demo_eval") and not summary["preempted"] and jax.process_index() == 0:
         from training.demo_eval import evaluate_demo
         summary["demo_eval"] = evaluate_demo(config, workdir, model_config, processor, summary.pop("state"))
