@@ -43,11 +43,16 @@ def check(config, shards=1):
 def test_the_shipped_configs_pass():
     import importlib
 
-    for name in ("demo_cpu", "qwen2vl_2b_v5e8", "qwen2vl_7b_v5p8", "qwen2vl_72b_v5p128", "qwen2_5vl_7b_v5p8",
-                 "qwen2_5vl_72b_v5p128", "qwen2vl_7b_lora_v5e8", "qwen2vl_72b_lora_v5e16"):
+    from training.train import lora_config
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    names = sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and f not in ("__init__.py", "common.py"))
+    assert {"demo_cpu", "demo_cpu_lora", "qwen2vl_7b_lora_v5e8", "qwen2vl_72b_lora_v5e16"} <= set(names)
+    for name in names:
         config = importlib.import_module(f"configs.{name}").get_config()
         config.data.train = config.data.train or "jsonl:train.jsonl"  # the TPU configs leave it to the user
         check(config, shards=1)
+        lora_config(config)  # LoRA settings that cannot work stop here too
 
 
 @pytest.mark.parametrize("changes, field", [
