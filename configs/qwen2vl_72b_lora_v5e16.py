@@ -8,9 +8,9 @@ Fit (python -m sharding.plan --preset 72b --mesh fsdp=16 --batch 16 --seq 2048 -
 --lora-base bfloat16: XLA:TPU for v5e:4x4 with libtpu, splash attention, all 80 layers; bench/results/plan/
 72b_v5e16_lora.json): 14.76 GB peak per chip of 16 GB (9.23 GB of bf16 base, 0.11 GB adapter moments), 790 TFLOP
 per chip per step in the compiled dots. The smallest slice the planner fits the step on is a v5e-8 with the base in
-int8 (--lora-base int8 --mesh fsdp=8 --batch 8; 72b_v5e8_lora_int8.json): 15.38 GB of 16 (96 %), but this project
-reads the base in bf16 and quantizes it on the chips, and 72B in bf16 is 18.3 GB per chip of a v5e-8 before it is
-quantized, so that plan needs an int8 checkpoint on disk first (not built); hence v5e-16 here."""
+int8 (--lora-base int8 --mesh fsdp=8 --batch 8; 72b_v5e8_lora_int8.json): 15.38 GB of 16 (96 %), too close to the
+limit to ship (its loading is fine: an int8 base is read and quantized one array at a time, 9.7 GB of int8 plus
+the largest bf16 leaf, 4.8 GB per chip); hence v5e-16 here."""
 from configs.common import base
 
 

@@ -11,7 +11,7 @@ same with a bf16 base (7b_v5e8_lora.json): 6.42 GB. Full fine-tuning of the same
 refuses it at 24.52 GB per chip (7b_v5e8_full.json: fp32 params 4.15 + AdamW 8.29 GB per chip). Per chip per step:
 150 TFLOP in the compiled dots (7B full fine-tuning, same batch, v5p-8: 419 per chip × 4 = 1676 in all, LoRA 8 × 150 =
 1199: no weight gradients), 176 TFLOP by the 6·params·tokens convention. The base is read in bf16 and quantized on
-the chips (2.1 GB per chip at its peak)."""
+the chips one array at a time."""
 from configs.common import base
 
 

@@ -222,3 +222,27 @@ def test_a_lora_run_resumes_bit_exactly(tmp_path, data_dir):  # noqa: F811 (test
     assert "embed_tokens" not in state["params"]["language_model"]
     assert set(state["params"]["visual"]["merger"]["ln_q"]) == {"scale", "bias"}  # trained in full: kept
     assert not (runs["resumed"] / "export" / "adapter").exists()  # train_also: merged weights only, no PEFT folder
+
+
+def test_an_int8_base_is_quantized_one_array_at_a_time_as_it_is_read(setup, tmp_path):
+    """training.train.initial_params with an int8 base and init_from: the checkpoint's arrays are read, placed and
+    quantized one at a time (never the whole float base) into exactly what quantizing the loaded base gives, in the
+    int8 tree's shardings."""
+    from qwen2vl_jax.checkpoint.load import open_checkpoint
+    from sharding.mesh import make_mesh
+    from sharding.rules import param_shardings
+    from training.export import export_params
+
+    model_config, params, _ = setup
+    export_params(str(tmp_path / "base"), model_config, params, None)
+    config = model_config.replace(lora=lora.LoraConfig(rank=4, alpha=8.0, targets=TARGETS, base_dtype="int8"))
+    mesh = make_mesh("fsdp=4,tensor=2")
+    shardings = lora.split(param_shardings(config, mesh))[0]
+    got = lora.place_quantized(config, open_checkpoint(str(tmp_path / "base"), "float32", True)[1], shardings)
+    want = lora.split(lora.quantize(config, lora.merge_trees(params, lora.init_adapters(config, 0))))[0]
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for (path, a), b, s in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                               jax.tree.leaves(shardings)):
+        assert a.dtype == b.dtype and a.sharding == s, jax.tree_util.keystr(path)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    assert got["language_model"]["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.int8

@@ -100,7 +100,13 @@ def initial_params(config, model_config: Qwen2VLConfig, mesh) -> dict:
     """init_from's params (each device reads its slice, cast to param_dtype) or a seeded random init, sharded; with
     LoRA, that base + fresh adapters, the adapted kernels quantized for an int8 base."""
     base_config = model_config.replace(lora=None)
-    if config.init_from:
+    quantized = model_config.lora is not None and model_config.lora.quantized
+    if config.init_from and quantized:  # read and quantize one array at a time: never the whole float base
+        from qwen2vl_jax.checkpoint.load import open_checkpoint
+        lazy_base = open_checkpoint(config.init_from, model_config.param_dtype, model_config.scan_layers)[1]
+        base = lora.place_quantized(model_config, lazy_base, lora.split(param_shardings(model_config, mesh))[0])
+        quantized = False
+    elif config.init_from:
         from qwen2vl_jax.checkpoint.load import load
         base = load(config.init_from, dtype=model_config.param_dtype, mesh=mesh,
                     scan_layers=model_config.scan_layers)[1]
@@ -110,7 +116,7 @@ def initial_params(config, model_config: Qwen2VLConfig, mesh) -> dict:
         return base
     shardings = param_shardings(model_config, mesh)
     params = lora.merge_trees(base, lora.init_adapters(model_config, config.seed, lora.split(shardings)[1]))
-    if model_config.lora.quantized:
+    if quantized:  # a random base: quantized whole
         params = jax.jit(functools.partial(lora.quantize, model_config), out_shardings=shardings,
                          donate_argnums=0)(params)
     return params

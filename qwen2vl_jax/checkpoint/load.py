@@ -65,6 +65,22 @@ def load(path: str | os.PathLike, dtype=None, mesh=None, *, scan_layers: bool | 
       the next is read, so the host holds one array at a time beyond what is already placed.
     scan_layers: the layer layout to return (stacked for nn.scan or unrolled); None keeps the stored one
       (unrolled for Hugging Face folders)."""
+    config, tree = open_checkpoint(path, dtype, scan_layers)
+    if mesh is None and shardings is None:
+        device = default_device()
+        return config, jax.tree_util.tree_map(lambda x: jax.device_put(lazy.materialize(x), device)
+                                              .block_until_ready(), tree)
+    if shardings is None:
+        from sharding.rules import LOGICAL_AXIS_RULES, param_shardings  # the one rules table lives outside
+
+        shardings = param_shardings(config, mesh, rules or LOGICAL_AXIS_RULES)
+    return config, jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, x.__getitem__), tree, shardings)
+
+
+def open_checkpoint(path: str | os.PathLike, dtype=None, scan_layers: bool | None = None) -> tuple[Qwen2VLConfig, dict]:
+    """→ (config, params as LazyArrays: nothing read yet) of a folder `load` reads, in the layout and dtype asked
+    (see `load`); each array is read when indexed, so a caller can place (and transform) one at a time."""
     path = os.fspath(path)  # a local folder; a converted folder may also be gs://
     if not epath.Path(path).is_dir():
         raise ValueError(f"{path!r} is not a folder; pass a folder written by qwen2vl-convert or a Hugging Face "
@@ -78,16 +94,7 @@ def load(path: str | os.PathLike, dtype=None, mesh=None, *, scan_layers: bool | 
         name = jnp.dtype(dtype).name
         config = config.replace(dtype=name, param_dtype=name)
         tree = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(dtype)), tree)
-    if mesh is None and shardings is None:
-        device = default_device()
-        return config, jax.tree_util.tree_map(lambda x: jax.device_put(lazy.materialize(x), device)
-                                              .block_until_ready(), tree)
-    if shardings is None:
-        from sharding.rules import LOGICAL_AXIS_RULES, param_shardings  # the one rules table lives outside
-
-        shardings = param_shardings(config, mesh, rules or LOGICAL_AXIS_RULES)
-    return config, jax.tree_util.tree_map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, x.__getitem__), tree, shardings)
+    return config, tree
 
 
 def default_device() -> jax.Device:
