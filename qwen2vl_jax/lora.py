@@ -244,9 +244,7 @@ def merged(config, params, dtype="float32") -> dict:
     """Plain params for `config.replace(lora=None)`: each adapted kernel becomes W + (alpha/rank)·A·B (int8 kernels
     dequantized first), computed in float32 and stored in `dtype`; adapters dropped."""
     lora = config.lora
-    base, adapters = split(dequantized(config, params))
-
-    out = jax.tree_util.tree_map(lambda x: x, base)
+    out, adapters = split(dequantized(config, params))  # fresh dicts: the walk below fills in the merged kernels
 
     def walk(a_node, out_node, names):
         for key, value in a_node.items():

@@ -9,19 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from ml_collections import ConfigDict
 
-from configs.demo_cpu import get_config
-from data_pipeline.pipeline import training_batches
-from data_pipeline.synthetic import make_example, to_messages
 from qwen2vl_jax import lora
 from qwen2vl_jax.checkpoint.mapping import stack_layers
-from qwen2vl_jax.model import Qwen2VL, abstract_params, init_params
+from qwen2vl_jax.model import Qwen2VL, abstract_params
 from training.param_groups import adapters_only, trains, update_scales
 from training.step import gradients, init_state, loss_fn, make_optimizer, train_step
 from test_partitioning import float_gathers_larger_than
+from test_training import demo_setup
 from test_train_cli import data_dir  # noqa: F401 (fixture)
-from training.train import HOST_KEYS, model_and_processor
 
 TARGETS = lora.DECODER_TARGETS + r"|^visual/merger/mlp_0$|^visual/blocks/attn/qkv$"
 
@@ -29,17 +25,8 @@ TARGETS = lora.DECODER_TARGETS + r"|^visual/merger/mlp_0$|^visual/blocks/attn/qk
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(scanned float32 model config, its params, a batch of 4 demo examples laid out for 4 batch shards)."""
-    config = get_config()
-    model_config, processor = model_and_processor(config, str(tmp_path_factory.mktemp("demo")))
-    records = []
-    for i in range(4):
-        e = make_example(i)
-        records.append({"messages": to_messages(e), "images": [e["image"]], "id": str(i)})
-    data = ConfigDict(config.data.to_dict() | dict(batch_size=4, shuffle=False, num_epochs=1))
-    batch = next(iter(training_batches(records, processor, model_config, data, seed=0, shards=4)))
-    params = stack_layers(init_params(model_config, seed=0), model_config)
-    return (model_config.replace(scan_layers=True), params,
-            {k: v for k, v in batch.items() if k not in HOST_KEYS})
+    model_config, params, batch = demo_setup(str(tmp_path_factory.mktemp("demo")), shards=4)
+    return model_config.replace(scan_layers=True), stack_layers(params, model_config), batch
 
 
 def _adapted(model_config, params, base_dtype="float32", seed=1):
@@ -100,12 +87,18 @@ def test_the_lora_step_is_the_hand_written_reference(setup, base_dtype):
     assert all(g.shape == () and float(g) == 0 for g in base_grads)  # no gradient taken for the base
 
 
+def _lora_step(config, adapted):
+    """(adapters-only scales, their optimizer, the jitted one-device train step) for an adapted tree."""
+    scales = adapters_only(update_scales(adapted, "all"))
+    optimizer = make_optimizer(1e-2, warmup_steps=0, total_steps=100, trainable=trains(scales))
+    return scales, optimizer, jax.jit(functools.partial(train_step, config=config, optimizer=optimizer,
+                                                        trainable=scales))
+
+
 def test_training_moves_the_adapters_only_and_int8_bytes_stay(setup):
     model_config, params, batch = setup
     config, adapted = _adapted(model_config, params, "int8")
-    scales = adapters_only(update_scales(adapted, "all"))
-    optimizer = make_optimizer(1e-2, warmup_steps=0, total_steps=100, trainable=trains(scales))
-    step = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer, trainable=scales))
+    _, optimizer, step = _lora_step(config, adapted)
     state, losses = init_state(adapted, optimizer), []
     for _ in range(4):
         state, metrics = step(state, batch)
@@ -160,9 +153,7 @@ def test_eight_devices_give_one_devices_lora_step(setup):
 
     model_config, params, batch = setup
     config, adapted = _adapted(model_config, params, "int8")
-    scales = adapters_only(update_scales(adapted, "all"))
-    optimizer = make_optimizer(1e-2, warmup_steps=0, total_steps=100, trainable=trains(scales))
-    one = jax.jit(functools.partial(train_step, config=config, optimizer=optimizer, trainable=scales))
+    scales, optimizer, one = _lora_step(config, adapted)
     want_state, want = one(init_state(adapted, optimizer), batch)
     mesh = make_mesh("fsdp=4,tensor=2")
     with jax.set_mesh(mesh):

@@ -16,18 +16,23 @@ from training.step import IGNORE, group_of, init_state, loss_fn, make_optimizer,
 from training.train import HOST_KEYS, model_and_processor
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(model config, params, a fixed batch of 4 demo examples)."""
+def demo_setup(folder: str, shards: int = 1):
+    """(demo model config, its params, a fixed batch of 4 demo examples laid out for `shards` batch shards)."""
     config = get_config()
-    model_config, processor = model_and_processor(config, str(tmp_path_factory.mktemp("demo")))
+    model_config, processor = model_and_processor(config, folder)
     records = []
     for i in range(4):
         e = make_example(i)
         records.append({"messages": to_messages(e), "images": [e["image"]], "id": str(i)})
     data = ConfigDict(config.data.to_dict() | dict(batch_size=4, shuffle=False, num_epochs=1))
-    batch = next(iter(training_batches(records, processor, model_config, data, seed=0)))
+    batch = next(iter(training_batches(records, processor, model_config, data, seed=0, shards=shards)))
     return model_config, init_params(model_config, seed=0), {k: v for k, v in batch.items() if k not in HOST_KEYS}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(model config, params, a fixed batch of 4 demo examples)."""
+    return demo_setup(str(tmp_path_factory.mktemp("demo")))
 
 
 _STEPS = {}
